@@ -1,0 +1,113 @@
+"""LoRA adapter: target-module presets per architecture, the PEFT config, and attaching it."""
+
+from __future__ import annotations
+
+import logging
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from lora_lab.config import TARGET_PRESETS, AdapterConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Module names per architecture family. A string is a PEFT regex (full match on the module
+# path), used where a bare name is ambiguous (GPT-2's `c_proj` is in attention and MLP).
+_LLAMA_STYLE = {
+    "qv": ["q_proj", "v_proj"],
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
+_BERT_MLP = r".*\.layer\.\d+\.(intermediate\.dense|output\.dense)"
+TARGET_MODULE_PRESETS: dict[str, dict[str, list[str] | str]] = {
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "gemma2": _LLAMA_STYLE,
+    "phi3": {"qv": ["qkv_proj"], "attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},
+    # GPT-2 fuses q, k and v into one Conv1D (`c_attn`), so `qv` can only mean that layer.
+    "gpt2": {"qv": ["c_attn"], "attn": r".*\.attn\.(c_attn|c_proj)", "mlp": r".*\.mlp\.(c_fc|c_proj)"},
+    "bert": {
+        "qv": ["query", "value"],
+        "attn": r".*\.attention\.(self\.(query|key|value)|output\.dense)",
+        "mlp": _BERT_MLP,
+    },
+    "deberta-v2": {
+        "qv": ["query_proj", "value_proj"],
+        "attn": r".*\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)",
+        "mlp": _BERT_MLP,
+    },
+}
+# Heads that a classification fine-tune trains in full (PEFT adds `classifier` and `score`
+# itself); DeBERTa's pooler is new at fine-tuning time too.
+EXTRA_TRAINED_MODULES = {"deberta-v2": ["pooler"]}
+PEFT_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora"}
+
+
+def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | str) -> list[str] | str:
+    """A preset name becomes this architecture's module names; an explicit list is checked."""
+    model_type = model.config.model_type
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return "all-linear"
+        presets = TARGET_MODULE_PRESETS.get(model_type)
+        if presets is None:
+            raise ConfigError(
+                "adapter.target_modules",
+                target_modules,
+                f"no presets for model type {model_type!r} (known: {', '.join(TARGET_MODULE_PRESETS)}); "
+                "use all-linear or an explicit list of module names",
+            )
+        return presets[target_modules]
+    adaptable = _adaptable_module_names(model)
+    suffixes = {name.rsplit(".", 1)[-1] for name in adaptable}
+    missing = [t for t in target_modules if t not in suffixes and not any(n.endswith("." + t) for n in adaptable)]
+    if missing:
+        raise ConfigError(
+            "adapter.target_modules",
+            target_modules,
+            f"{', '.join(missing)} matches no linear layer of this {model_type} model; "
+            f"presets are {', '.join(TARGET_PRESETS)}, layer names are {', '.join(sorted(suffixes))}",
+        )
+    return list(target_modules)
+
+
+def _adaptable_module_names(model: torch.nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    ]
+
+
+def lora_config(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=resolve_target_modules(model, adapter.target_modules),
+        init_lora_weights=PEFT_INIT.get(adapter.init, "gaussian"),
+        use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora,
+        task_type=TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM,
+        modules_to_save=EXTRA_TRAINED_MODULES.get(model.config.model_type),
+    )
+
+
+def attach_adapter(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> PeftModel:
+    """Wrap the frozen base model with a trainable LoRA adapter."""
+    config = lora_config(model, adapter, kind)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # PEFT's "Target modules ... not found in the base model"
+        if "not found in the base model" not in str(e):
+            raise
+        raise ConfigError(
+            "adapter.target_modules", adapter.target_modules, f"matches no layer of this {model.config.model_type} model"
+        ) from None
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
+    return peft_model

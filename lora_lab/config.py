@@ -1,0 +1,239 @@
+"""Structured schema of the composed config, and validation that runs before anything is loaded.
+
+Every check raises `ConfigError` with one line naming the key, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad value in the user's config: the message is one line meant for the user."""
+
+    def __init__(self, key: str, value: Any, valid: str):
+        self.key, self.value, self.valid = key, value, valid
+        super().__init__(f"{key}={value!r} is invalid: {valid}")
+
+
+MODEL_KINDS = ("causal_lm", "seq_cls")
+TARGET_PRESETS = ("attn", "mlp", "all-linear", "qv")
+INITS = ("gaussian", "kaiming", "loftq", "pissa", "olora")
+QUANTS = ("none", "nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TASK_SOURCES = ("builtin", "jsonl", "hub")
+TASK_FORMATS = ("sft", "lm", "cls")
+METRIC_MODES = ("max", "min")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 512
+    max_position_embeddings: int = 256
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    name_or_path: str | None = None  # None: the tiny model, built locally
+    kind: str = "causal_lm"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # a preset name or a list of module names
+    init: str = "gaussian"
+    loftq_iter: int = 1
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sort"
+    kind: str = "causal_lm"
+    source: str = "builtin"
+    format: str = "sft"
+    template: str | None = None  # a prompt template for hub presets (gsm8k, alpaca)
+    answer_pattern: str | None = None  # regex whose group 1 is the answer compared by exact_match
+    dataset: str | None = None  # hub dataset id
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    train_path: str | None = None
+    eval_path: str | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    labels: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    metric: str = "loss"
+    metric_mode: str = "min"
+    max_length: int = 512
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    generate_max_new_tokens: int = 32
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 4
+    eval_batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    eval_steps: int = 100
+    logging_steps: int = 10
+    seed: int = 42
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optimized_metric: str = "eval/loss"
+    task_name: str = "train"
+    tags: list[str] = field(default_factory=list)
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(key, value, f"valid values are {', '.join(valid)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(key, value, "must be " + ("zero or positive" if allow_zero else "positive"))
+
+
+def _typed(cfg: DictConfig) -> RunConfig:
+    """Merge the composed config onto the schema: wrong types and unknown keys fail here."""
+    schema = OmegaConf.structured(RunConfig)
+    user = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "hparams_search", "experiment")])
+    try:
+        merged = OmegaConf.merge(schema, user)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = e.full_key or "config"
+        reason = str(e).splitlines()[0]
+        if "not in struct" in reason or "not found" in reason:
+            reason = "unknown key (`python -m lora_lab.train --cfg job` prints every valid key)"
+        value = OmegaConf.select(user, key, default=None, throw_on_missing=False) if e.full_key else None
+        raise ConfigError(key, value, reason) from None
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Return the typed run config, or raise ConfigError on the first bad value."""
+    run = _typed(cfg)
+    m, a, q, t, tr = run.model, run.adapter, run.quant, run.task, run.train
+
+    _choice("model.kind", m.kind, MODEL_KINDS)
+    if m.kind != t.kind:
+        raise ConfigError("model.kind", m.kind, f"task {t.name!r} needs model.kind={t.kind}")
+
+    if a.r < 1:
+        raise ConfigError("adapter.r", a.r, "the LoRA rank must be an integer >= 1")
+    _positive("adapter.alpha", a.alpha)
+    if not 0.0 <= a.dropout < 1.0:
+        raise ConfigError("adapter.dropout", a.dropout, "must be in [0, 1)")
+    tm = a.target_modules
+    if isinstance(tm, str):
+        _choice("adapter.target_modules", tm, TARGET_PRESETS)
+    elif not (isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm)):
+        raise ConfigError(
+            "adapter.target_modules", tm, f"a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of names"
+        )
+    _choice("adapter.init", a.init, INITS)
+    if a.loftq_iter < 1:
+        raise ConfigError("adapter.loftq_iter", a.loftq_iter, "must be an integer >= 1")
+    if a.init == "loftq" and q.name not in ("nf4", "fp4"):
+        raise ConfigError("adapter.init", a.init, "loftq needs a 4-bit base: quant=nf4 or quant=fp4")
+    if a.init in ("pissa", "olora") and q.name != "none":
+        raise ConfigError("adapter.init", a.init, f"{a.init} needs a full-precision base (quant=none)")
+    if a.use_dora and a.init == "loftq":
+        raise ConfigError("adapter.use_dora", True, "DoRA cannot be combined with adapter.init=loftq")
+
+    _choice("quant.name", q.name, QUANTS)
+    _choice("quant.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
+
+    _choice("task.kind", t.kind, MODEL_KINDS)
+    _choice("task.source", t.source, TASK_SOURCES)
+    _choice("task.format", t.format, TASK_FORMATS)
+    _choice("task.metric_mode", t.metric_mode, METRIC_MODES)
+    if (t.format == "cls") != (t.kind == "seq_cls"):
+        raise ConfigError("task.format", t.format, f"task.kind={t.kind} needs task.format=" + ("cls" if t.kind == "seq_cls" else "sft or lm"))
+    if t.kind == "seq_cls" and len(t.labels) < 2:
+        raise ConfigError("task.labels", t.labels, "a classification task needs at least two label names")
+    if t.source == "jsonl":
+        for key, path in (("task.train_path", t.train_path), ("task.eval_path", t.eval_path)):
+            if not path:
+                raise ConfigError(key, path, "task=jsonl needs a path to a .jsonl file")
+            if not os.path.isfile(path):
+                raise ConfigError(key, path, "no such file")
+    if t.source == "hub" and not t.dataset:
+        raise ConfigError("task.dataset", t.dataset, "a hub task needs a dataset id")
+    if t.max_length < 8:
+        raise ConfigError("task.max_length", t.max_length, "must be >= 8 tokens")
+
+    _positive("train.lr", tr.lr)
+    if tr.max_steps == 0 or tr.max_steps < -1:
+        raise ConfigError("train.max_steps", tr.max_steps, "a positive step count, or -1 to train for train.epochs")
+    if tr.max_steps == -1:
+        _positive("train.epochs", tr.epochs)
+    for key in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "logging_steps"):
+        value = getattr(tr, key)
+        if value < 1:
+            raise ConfigError(f"train.{key}", value, "must be an integer >= 1")
+    if not 0.0 <= tr.warmup_ratio < 1.0:
+        raise ConfigError("train.warmup_ratio", tr.warmup_ratio, "must be in [0, 1)")
+    _positive("train.weight_decay", tr.weight_decay, allow_zero=True)
+    _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
+    _choice("train.device", tr.device, DEVICES)
+
+    if not run.optimized_metric.startswith("eval/"):
+        raise ConfigError("optimized_metric", run.optimized_metric, "must name an eval metric, e.g. eval/loss")
+    return run

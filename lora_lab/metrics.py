@@ -1,0 +1,112 @@
+"""Evaluation metrics through `evaluate`, from metric modules kept in the repo (they load offline).
+
+Per-step metrics (accuracy, f1, token_accuracy) come from the Trainer's eval loop; `perplexity` is
+exp(eval loss); `exact_match` decodes greedily and so runs once, at the final evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+
+from lora_lab.config import ConfigError
+from lora_lab.data import IGNORE_INDEX
+
+MODULES_DIR = Path(__file__).parent / "metric_modules"
+STEP_METRICS = {"seq_cls": ("accuracy", "f1"), "causal_lm": ("token_accuracy",)}
+DERIVED_METRICS = ("perplexity",)
+FINAL_METRICS = ("exact_match",)
+
+
+def load_metric(name: str) -> evaluate.EvaluationModule:
+    return evaluate.load(str(MODULES_DIR / name))
+
+
+def check_metric_names(kind: str, names: list[str], primary: str) -> None:
+    valid = STEP_METRICS[kind] + (DERIVED_METRICS + FINAL_METRICS if kind == "causal_lm" else ())
+    for name in names:
+        if name not in valid:
+            raise ConfigError("task.metrics", names, f"{name!r} is not available for {kind}; valid: {', '.join(valid)}")
+    if primary != "loss" and primary not in names:
+        raise ConfigError("task.metric", primary, f"must be loss or one of task.metrics ({', '.join(names)})")
+
+
+def argmax_logits(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the predicted ids, so that eval never holds a vocab-sized logits tensor in memory."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def step_metrics_fn(kind: str, names: list[str]) -> Callable | None:
+    """The Trainer's compute_metrics for the metrics computed in its eval loop."""
+    wanted = [n for n in names if n in STEP_METRICS[kind]]
+    if not wanted:
+        return None
+    modules = {name: load_metric("accuracy" if name == "token_accuracy" else name) for name in wanted}
+
+    def compute(eval_pred) -> dict[str, float]:
+        predictions, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
+        if kind == "causal_lm":
+            # Position t predicts token t+1; score only positions that carry a label.
+            predictions, labels = predictions[:, :-1], labels[:, 1:]
+            mask = labels != IGNORE_INDEX
+            predictions, labels = predictions[mask], labels[mask]
+        results = {}
+        for name, module in modules.items():
+            value = module.compute(predictions=predictions.ravel(), references=labels.ravel())
+            results[name] = next(iter(value.values()))
+        return results
+
+    return compute
+
+
+def add_perplexity(metrics: dict[str, float]) -> None:
+    """eval/perplexity from eval/loss (mean token cross-entropy)."""
+    loss = metrics.get("eval/loss")
+    if loss is not None:
+        metrics["eval/perplexity"] = math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy decoding of each prompt's continuation, stopped at EOS."""
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs
+
+
+def exact_match(predictions: list[str], references: list[str], answer_pattern: str | None) -> float:
+    """Exact match of the answers; with a pattern, of its first group in each string (e.g. GSM8K's `#### 42`)."""
+    if answer_pattern is not None:
+        predictions = [_extract(answer_pattern, p) for p in predictions]
+        references = [_extract(answer_pattern, r) for r in references]
+    return load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
+
+
+def _extract(pattern: str, text: str) -> str:
+    found = re.findall(pattern, text)
+    return found[-1].replace(",", "").strip() if found else ""

@@ -1,0 +1,161 @@
+"""Base model and tokenizer loading, the bitsandbytes quantization config, and the local tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from lora_lab.config import ConfigError, ModelConfig, QuantConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when the tiny model's recipe changes, so that stale cached copies are not reused.
+TINY_RECIPE_VERSION = 1
+# Classification heads (new at fine-tuning time) and LM heads stay unquantized.
+HEAD_MODULES = ["lm_head", "score", "classifier", "pooler"]
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab"))
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", device, "no CUDA device is visible; use train.device=cpu or auto")
+    return device
+
+
+def resolve_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it and fp32 on CPU (CPU bf16 matmuls are slow)."""
+    if compute_dtype == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, compute_dtype)
+
+
+def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: any text encodes, nothing is downloaded."""
+    specials = list(SPECIAL_TOKENS.values())
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def build_tiny_model(tiny: TinyModelConfig) -> Path:
+    """Build (once) and cache a small random Llama and its tokenizer; return the directory.
+
+    The directory is written to a temporary name and renamed into place, so parallel trials
+    that race to build it never see a half-written model.
+    """
+    recipe = {"version": TINY_RECIPE_VERSION, **asdict(tiny)}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"tiny-llama-{key}"
+    if (target / "config.json").exists():
+        return target
+    log.info("building the tiny model into %s", target)
+    tokenizer = _byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        # Wider than the usual 0.02: frozen random output weights that small cap the logits
+        # (and so the loss) an adapter can reach, and the demo would learn nothing visible.
+        initializer_range=0.2,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process renamed its copy first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quant.name == "none":
+        return None
+    if quant.name == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.name,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=HEAD_MODULES,
+    )
+
+
+def load_model(
+    model_cfg: ModelConfig, quant: QuantConfig, labels: list[str], device: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load tokenizer and base model (quantized if asked) onto `device`, frozen, ready for an adapter."""
+    path = str(build_tiny_model(model_cfg.tiny)) if model_cfg.name_or_path is None else model_cfg.name_or_path
+    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
+    kwargs = {
+        "dtype": compute_dtype,
+        "quantization_config": quantization_config(quant, compute_dtype),
+        "device_map": {"": device},
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "attn_implementation": model_cfg.attn_implementation,
+    }
+    if model_cfg.kind == "seq_cls":
+        auto_cls = AutoModelForSequenceClassification
+        kwargs |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+    else:
+        auto_cls = AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        model = auto_cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        where = "not a local model directory" if not Path(path).exists() else "not a loadable model directory"
+        raise ConfigError(
+            "model.name_or_path", path, f"{where}, and the Hub could not provide it ({str(e).splitlines()[0]})"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+

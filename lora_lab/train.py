@@ -1,0 +1,122 @@
+"""Entrypoint: compose -> validate -> model -> adapter -> data -> train -> evaluate -> write -> objective.
+
+    python -m lora_lab.train model=llama3_8b task=gsm8k adapter.r=16 quant=nf4
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from lora_lab.adapters import attach_adapter
+from lora_lab.config import ConfigError, validate
+from lora_lab.data import build_task_data
+from lora_lab.metrics import add_perplexity, check_metric_names, exact_match, generate_responses, step_metrics_fn
+from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
+from lora_lab.tasks import load_rows
+from lora_lab.trainer import (
+    MeasureCallback,
+    Measurements,
+    build_trainer,
+    peak_memory_gib,
+    reset_peak_memory,
+    training_arguments,
+)
+
+log = logging.getLogger("lora_lab")
+# Trainer bookkeeping that is not a metric of the model.
+_EVAL_BOOKKEEPING = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "num_input_tokens_seen"}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """One training run; returns the final metrics, also written to run_dir/metrics.json."""
+    started = time.perf_counter()
+    run = validate(cfg)
+    task = run.task
+    check_metric_names(task.kind, task.metrics, task.metric)
+    available = {"eval/loss"} | {f"eval/{m}" for m in task.metrics}
+    if run.optimized_metric not in available:
+        raise ConfigError("optimized_metric", run.optimized_metric, f"this task reports {', '.join(sorted(available))}")
+    device = resolve_device(run.train.device)
+    compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
+    transformers.set_seed(run.train.seed)
+    reset_peak_memory(device)
+
+    train_rows, eval_rows = load_rows(task)
+    model, tokenizer = load_model(run.model, run.quant, task.labels, device)
+    model = attach_adapter(model, run.adapter, run.model.kind)
+    data = build_task_data(train_rows, eval_rows, task.format, tokenizer, task.max_length)
+    log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
+
+    measurements = Measurements()
+    args = training_arguments(run.train, run_dir / "checkpoints", device, compute_dtype)
+    trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), [MeasureCallback(measurements)])
+    trainer.train()
+
+    final = trainer.evaluate()
+    metrics = {f"eval/{k.removeprefix('eval_')}": float(v) for k, v in final.items() if k not in _EVAL_BOOKKEEPING}
+    if "perplexity" in task.metrics:
+        add_perplexity(metrics)
+    if "exact_match" in task.metrics:
+        predictions = generate_responses(
+            model, tokenizer, data.eval_prompts, task.generate_max_new_tokens, run.train.eval_batch_size
+        )
+        metrics["eval/exact_match"] = exact_match(predictions, data.eval_references, task.answer_pattern)
+
+    trainable, total = model.get_nb_trainable_parameters()
+    metrics |= {
+        "params/trainable": trainable,
+        "params/total": total,
+        "params/trainable_pct": 100.0 * trainable / total,
+        "train/steps": trainer.state.global_step,
+        "train/tokens": measurements.tokens_seen,
+        "speed/tokens_per_second": measurements.tokens_per_second,
+        "memory/peak_gib": peak_memory_gib(device),
+        "time/train_seconds": measurements.train_seconds,
+        "time/wall_seconds": time.perf_counter() - started,
+    }
+    write_outputs(run_dir, model, metrics)
+    log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
+    return metrics
+
+
+def write_outputs(run_dir: Path, model, metrics: dict) -> None:
+    """Write adapter/ and metrics.json under temporary names, then rename: a crash leaves neither half-written."""
+    staging = run_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    staging.rename(run_dir / "adapter")
+    tmp = run_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / "metrics.json")
+
+
+@hydra.main(config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        metrics = train(cfg, run_dir)
+    except ConfigError as e:
+        log.error("%s", e)
+        if hydra_cfg.mode == RunMode.RUN:
+            sys.exit(2)  # one line, no traceback; in a sweep the error fails only this trial
+        raise
+    log.info("outputs in %s", run_dir)
+    return metrics[cfg.optimized_metric]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The HF Trainer, set up for adapter training: arguments, eval-time metrics and measurements."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lora_lab.config import TrainConfig
+from lora_lab.data import TaskData
+from lora_lab.metrics import argmax_logits
+
+
+@dataclass
+class Measurements:
+    """Speed and memory of the training phase, filled in by MeasureCallback."""
+
+    train_seconds: float = 0.0
+    tokens_seen: int = 0
+    eval_history: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.train_seconds if self.train_seconds else 0.0
+
+
+class MeasureCallback(TrainerCallback):
+    """Times training net of evaluation, and keeps every evaluation's metrics."""
+
+    def __init__(self, measurements: Measurements):
+        self.measurements = measurements
+        self._started = 0.0
+        self._eval_seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.measurements.eval_history.append({"step": state.global_step, **(metrics or {})})
+        self._eval_seconds += metrics.get("eval_runtime", 0.0) if metrics else 0.0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.measurements.train_seconds = time.perf_counter() - self._started - self._eval_seconds
+        self.measurements.tokens_seen = int(state.num_input_tokens_seen)
+
+
+def training_arguments(train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=train.lr,
+        max_steps=train.max_steps,
+        num_train_epochs=train.epochs,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.eval_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        lr_scheduler_type=train.lr_scheduler,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        logging_steps=train.logging_steps,
+        save_strategy="no",
+        seed=train.seed,
+        data_seed=train.seed,
+        use_cpu=device == "cpu",
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        label_names=["labels"],
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+    )
+
+
+def build_trainer(
+    model, data: TaskData, args: TrainingArguments, compute_metrics, callbacks: list[TrainerCallback]
+) -> Trainer:
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=argmax_logits if compute_metrics else None,
+        callbacks=callbacks,
+    )
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak CUDA memory allocated by tensors on GPU; the process's peak resident set on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
@@ -64,7 +65,9 @@ def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | s
         return presets[target_modules]
     adaptable = _adaptable_module_names(model)
     suffixes = {name.rsplit(".", 1)[-1] for name in adaptable}
-    missing = [t for t in target_modules if t not in suffixes and not any(n.endswith("." + t) for n in adaptable)]
+    missing = [
+        t for t in target_modules if t not in suffixes and not any(n.endswith("." + t) for n in adaptable)
+    ]
     if missing:
         raise ConfigError(
             "adapter.target_modules",
@@ -79,7 +82,8 @@ def _adaptable_module_names(model: torch.nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if isinstance(module, (torch.nn.Linear, Conv1D))
+        or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
     ]
 
 
@@ -106,7 +110,9 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterConfig, kind: str) ->
         if "not found in the base model" not in str(e):
             raise
         raise ConfigError(
-            "adapter.target_modules", adapter.target_modules, f"matches no layer of this {model.config.model_type} model"
+            "adapter.target_modules",
+            adapter.target_modules,
+            f"matches no layer of this {model.config.model_type} model",
         ) from None
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)

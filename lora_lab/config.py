@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -117,6 +118,7 @@ class TrainConfig:
     eval_steps: int = 100
     logging_steps: int = 10
     seed: int = 42
+    eval_on_start: bool = True  # the untrained model's metrics, as the baseline in metrics.json
     device: str = "auto"
     gradient_checkpointing: bool = False
 
@@ -137,6 +139,11 @@ class RunConfig:
     optimized_metric: str = "eval/loss"
     task_name: str = "train"
     tags: list[str] = field(default_factory=list)
+
+
+# The root config lists this schema first in its defaults: every group's yaml merges onto it, so
+# keys a preset leaves out take these defaults and a wrongly typed override fails at composition.
+ConfigStore.instance().store(name="lora_lab_schema", node=RunConfig)
 
 
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -185,7 +192,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         _choice("adapter.target_modules", tm, TARGET_PRESETS)
     elif not (isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm)):
         raise ConfigError(
-            "adapter.target_modules", tm, f"a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of names"
+            "adapter.target_modules",
+            tm,
+            f"a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of names",
         )
     _choice("adapter.init", a.init, INITS)
     if a.loftq_iter < 1:
@@ -205,7 +214,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("task.format", t.format, TASK_FORMATS)
     _choice("task.metric_mode", t.metric_mode, METRIC_MODES)
     if (t.format == "cls") != (t.kind == "seq_cls"):
-        raise ConfigError("task.format", t.format, f"task.kind={t.kind} needs task.format=" + ("cls" if t.kind == "seq_cls" else "sft or lm"))
+        raise ConfigError(
+            "task.format",
+            t.format,
+            f"task.kind={t.kind} needs task.format=" + ("cls" if t.kind == "seq_cls" else "sft or lm"),
+        )
     if t.kind == "seq_cls" and len(t.labels) < 2:
         raise ConfigError("task.labels", t.labels, "a classification task needs at least two label names")
     if t.source == "jsonl":
@@ -221,7 +234,9 @@ def validate(cfg: DictConfig) -> RunConfig:
 
     _positive("train.lr", tr.lr)
     if tr.max_steps == 0 or tr.max_steps < -1:
-        raise ConfigError("train.max_steps", tr.max_steps, "a positive step count, or -1 to train for train.epochs")
+        raise ConfigError(
+            "train.max_steps", tr.max_steps, "a positive step count, or -1 to train for train.epochs"
+        )
     if tr.max_steps == -1:
         _positive("train.epochs", tr.epochs)
     for key in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "logging_steps"):
@@ -235,5 +250,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("train.device", tr.device, DEVICES)
 
     if not run.optimized_metric.startswith("eval/"):
-        raise ConfigError("optimized_metric", run.optimized_metric, "must name an eval metric, e.g. eval/loss")
+        raise ConfigError(
+            "optimized_metric", run.optimized_metric, "must name an eval metric, e.g. eval/loss"
+        )
     return run

@@ -25,7 +25,9 @@ def tokenize_sft(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_lengt
     examples = []
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         input_ids = (prompt + response)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
@@ -42,14 +44,22 @@ def tokenize_lm(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length
     blocks = [stream[i : i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
     if not blocks:  # less text than one block: train on what there is
         blocks = [stream]
-    return Dataset.from_list([{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks])
+    return Dataset.from_list(
+        [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]
+    )
 
 
 def tokenize_cls(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
     examples = []
     for row in rows:
         encoded = tokenizer(row["text"], row["text_pair"], truncation=True, max_length=max_length)
-        examples.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": row["label"]})
+        examples.append(
+            {
+                "input_ids": encoded["input_ids"],
+                "attention_mask": encoded["attention_mask"],
+                "labels": row["label"],
+            }
+        )
     return Dataset.from_list(examples)
 
 
@@ -57,7 +67,11 @@ TOKENIZERS = {"sft": tokenize_sft, "lm": tokenize_lm, "cls": tokenize_cls}
 
 
 def build_task_data(
-    train_rows: list[dict], eval_rows: list[dict], task_format: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    task_format: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
 ) -> TaskData:
     tokenize = TOKENIZERS[task_format]
     if task_format == "cls":

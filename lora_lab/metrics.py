@@ -32,7 +32,9 @@ def check_metric_names(kind: str, names: list[str], primary: str) -> None:
     valid = STEP_METRICS[kind] + (DERIVED_METRICS + FINAL_METRICS if kind == "causal_lm" else ())
     for name in names:
         if name not in valid:
-            raise ConfigError("task.metrics", names, f"{name!r} is not available for {kind}; valid: {', '.join(valid)}")
+            raise ConfigError(
+                "task.metrics", names, f"{name!r} is not available for {kind}; valid: {', '.join(valid)}"
+            )
     if primary != "loss" and primary not in names:
         raise ConfigError("task.metric", primary, f"must be loss or one of task.metrics ({', '.join(names)})")
 
@@ -75,7 +77,9 @@ def add_perplexity(metrics: dict[str, float]) -> None:
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_responses(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy decoding of each prompt's continuation, stopped at EOS."""
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
@@ -83,7 +87,9 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     outputs = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(
+                model.device
+            )
             generated = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

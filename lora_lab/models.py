@@ -140,7 +140,11 @@ def load_model(
     }
     if model_cfg.kind == "seq_cls":
         auto_cls = AutoModelForSequenceClassification
-        kwargs |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+        kwargs |= {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)},
+        }
     else:
         auto_cls = AutoModelForCausalLM
     try:
@@ -149,7 +153,9 @@ def load_model(
     except OSError as e:
         where = "not a local model directory" if not Path(path).exists() else "not a loadable model directory"
         raise ConfigError(
-            "model.name_or_path", path, f"{where}, and the Hub could not provide it ({str(e).splitlines()[0]})"
+            "model.name_or_path",
+            path,
+            f"{where}, and the Hub could not provide it ({str(e).splitlines()[0]})",
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,5 +163,19 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_4bit_layout_trainable(model)
     return model, tokenizer
 
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward of a Linear4bit rewrites its weight in
+    place into a packed layout and never converts it back. Training afterwards goes through a
+    kernel without autograd: the adapter silently stops learning (or, for layers with a bias,
+    fails with "a view of a leaf Variable ... in-place operation"), and dequantizing (LoftQ,
+    merging) reads garbage. Unpacked 4-bit inference is slower on CPU but stays correct.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

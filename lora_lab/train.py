@@ -1,6 +1,6 @@
 """Entrypoint: compose -> validate -> model -> adapter -> data -> train -> evaluate -> write -> objective.
 
-    python -m lora_lab.train model=llama3_8b task=gsm8k adapter.r=16 quant=nf4
+python -m lora_lab.train model=llama3_8b task=gsm8k adapter.r=16 quant=nf4
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from omegaconf import DictConfig
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import build_task_data
-from lora_lab.metrics import add_perplexity, check_metric_names, exact_match, generate_responses, step_metrics_fn
+from lora_lab.metrics import (
+    add_perplexity,
+    check_metric_names,
+    exact_match,
+    generate_responses,
+    step_metrics_fn,
+)
 from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
 from lora_lab.tasks import load_rows
 from lora_lab.trainer import (
@@ -36,7 +42,13 @@ from lora_lab.trainer import (
 
 log = logging.getLogger("lora_lab")
 # Trainer bookkeeping that is not a metric of the model.
-_EVAL_BOOKKEEPING = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "num_input_tokens_seen"}
+_EVAL_BOOKKEEPING = {
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "epoch",
+    "num_input_tokens_seen",
+}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -47,7 +59,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     check_metric_names(task.kind, task.metrics, task.metric)
     available = {"eval/loss"} | {f"eval/{m}" for m in task.metrics}
     if run.optimized_metric not in available:
-        raise ConfigError("optimized_metric", run.optimized_metric, f"this task reports {', '.join(sorted(available))}")
+        raise ConfigError(
+            "optimized_metric", run.optimized_metric, f"this task reports {', '.join(sorted(available))}"
+        )
     device = resolve_device(run.train.device)
     compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
     transformers.set_seed(run.train.seed)
@@ -61,11 +75,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     measurements = Measurements()
     args = training_arguments(run.train, run_dir / "checkpoints", device, compute_dtype)
-    trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), [MeasureCallback(measurements)])
+    trainer = build_trainer(
+        model, data, args, step_metrics_fn(task.kind, task.metrics), [MeasureCallback(measurements)]
+    )
     trainer.train()
 
     final = trainer.evaluate()
-    metrics = {f"eval/{k.removeprefix('eval_')}": float(v) for k, v in final.items() if k not in _EVAL_BOOKKEEPING}
+    metrics = {
+        f"eval/{k.removeprefix('eval_')}": float(v) for k, v in final.items() if k not in _EVAL_BOOKKEEPING
+    }
     if "perplexity" in task.metrics:
         add_perplexity(metrics)
     if "exact_match" in task.metrics:
@@ -74,6 +92,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         )
         metrics["eval/exact_match"] = exact_match(predictions, data.eval_references, task.answer_pattern)
 
+    if run.train.eval_on_start and measurements.eval_history:
+        start = measurements.eval_history[0]
+        metrics |= {
+            f"baseline/{k.removeprefix('eval_')}": float(v)
+            for k, v in start.items()
+            if k.startswith("eval_") and k not in _EVAL_BOOKKEEPING
+        }
     trainable, total = model.get_nb_trainable_parameters()
     metrics |= {
         "params/trainable": trainable,

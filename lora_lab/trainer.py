@@ -48,7 +48,9 @@ class MeasureCallback(TrainerCallback):
         self.measurements.tokens_seen = int(state.num_input_tokens_seen)
 
 
-def training_arguments(train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype) -> TrainingArguments:
+def training_arguments(
+    train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=train.lr,
@@ -62,6 +64,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, device: str, comput
         lr_scheduler_type=train.lr_scheduler,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
+        eval_on_start=train.eval_on_start,
         logging_steps=train.logging_steps,
         save_strategy="no",
         seed=train.seed,

@@ -29,7 +29,10 @@ def load_rows(task: TaskConfig) -> tuple[list[dict], list[dict]]:
     train = [format_row(task, row, i) for i, row in enumerate(raw_train[: task.max_train_samples])]
     evaluation = [format_row(task, row, i) for i, row in enumerate(raw_eval[: task.max_eval_samples])]
     if task.format == "lm":
-        train, evaluation = [r for r in train if r["text"].strip()], [r for r in evaluation if r["text"].strip()]
+        train, evaluation = (
+            [r for r in train if r["text"].strip()],
+            [r for r in evaluation if r["text"].strip()],
+        )
     for key, rows in (("task.train_path", train), ("task.eval_path", evaluation)):
         if not rows:
             raise ConfigError(key, getattr(task, key.split(".")[1]), "the data has no usable rows")
@@ -48,8 +51,14 @@ def format_row(task: TaskConfig, row: dict, index: int) -> dict:
     }[task.format]
     for name in fields:
         if name not in row:
-            key = next(k for k in ("prompt_field", "response_field", "text_field", "label_field", "text_pair_field") if getattr(task, k) == name)
-            raise ConfigError(f"task.{key}", name, f"row {index} has no such field (fields: {', '.join(row)})")
+            key = next(
+                k
+                for k in ("prompt_field", "response_field", "text_field", "label_field", "text_pair_field")
+                if getattr(task, k) == name
+            )
+            raise ConfigError(
+                f"task.{key}", name, f"row {index} has no such field (fields: {', '.join(row)})"
+            )
     if task.format == "sft":
         return {"prompt": str(row[task.prompt_field]), "response": str(row[task.response_field])}
     if task.format == "lm":
@@ -63,13 +72,17 @@ def format_row(task: TaskConfig, row: dict, index: int) -> dict:
 
 def _label_index(task: TaskConfig, label: object, index: int) -> int:
     if isinstance(label, bool) or not isinstance(label, (int, str)):
-        raise ConfigError("task.label_field", task.label_field, f"row {index} has label {label!r}; labels are ints or names")
+        raise ConfigError(
+            "task.label_field", task.label_field, f"row {index} has label {label!r}; labels are ints or names"
+        )
     if isinstance(label, str):
         if label not in task.labels:
             raise ConfigError("task.labels", task.labels, f"row {index} has label {label!r}, not one of them")
         return task.labels.index(label)
     if not 0 <= label < len(task.labels):
-        raise ConfigError("task.labels", task.labels, f"row {index} has label {label}, outside 0..{len(task.labels) - 1}")
+        raise ConfigError(
+            "task.labels", task.labels, f"row {index} has label {label}, outside 0..{len(task.labels) - 1}"
+        )
     return label
 
 
@@ -92,5 +105,7 @@ def _load_hub_split(task: TaskConfig, split: str) -> list[dict]:
         return datasets.load_dataset(task.dataset, task.dataset_config, split=split).to_list()
     except Exception as e:  # offline, unknown id or split: datasets raises many types
         raise ConfigError(
-            "task.dataset", task.dataset, f"could not load split {split!r} ({type(e).__name__}: {str(e).splitlines()[0]})"
+            "task.dataset",
+            task.dataset,
+            f"could not load split {split!r} ({type(e).__name__}: {str(e).splitlines()[0]})",
         ) from None

@@ -13,7 +13,16 @@ _SEEDS = {"train": 1234, "eval": 5678}
 
 POSITIVE = ["good", "great", "superb", "lovely", "excellent", "wonderful", "pleasant", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "terrible", "boring", "horrible", "weak"]
-SUBJECTS = ["the film", "the food", "the service", "the show", "this book", "the hotel", "the game", "our trip"]
+SUBJECTS = [
+    "the film",
+    "the food",
+    "the service",
+    "the show",
+    "this book",
+    "the hotel",
+    "the game",
+    "our trip",
+]
 TEMPLATES = ["{s} was {a}", "honestly, {s} felt {a}", "{s} is {a} overall", "i think {s} was {a} today"]
 
 

@@ -11,7 +11,9 @@ class Accuracy(evaluate.Metric):
             description="Proportion of correct predictions.",
             citation="",
             inputs_description="predictions and references: lists of class ids",
-            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
+            ),
         )
 
     def _compute(self, predictions, references):

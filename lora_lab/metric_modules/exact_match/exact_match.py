@@ -10,9 +10,11 @@ class ExactMatch(evaluate.Metric):
             description="Fraction of predictions equal to their reference, ignoring surrounding whitespace.",
             citation="",
             inputs_description="predictions and references: lists of strings",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
-        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
         return {"exact_match": hits / max(len(references), 1)}

@@ -11,7 +11,9 @@ class F1(evaluate.Metric):
             description="Harmonic mean of precision and recall.",
             citation="",
             inputs_description="predictions and references: lists of class ids; average: binary, macro, micro, weighted",
-            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
+            ),
         )
 
     def _compute(self, predictions, references, average="binary"):

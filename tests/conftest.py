@@ -1,0 +1,60 @@
+"""Shared test setup: offline, a session-wide model cache, and helpers that compose the real config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+os.environ.update(
+    {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """One tiny-model cache for the whole session, so the model is built once."""
+    path = tmp_path_factory.mktemp("lora_lab_cache")
+    os.environ["LORA_LAB_CACHE"] = str(path)
+    return path
+
+
+# Small, fast settings for the tiny model on 2 CPU cores.
+FAST = ["train.max_steps=40", "train.eval_steps=20", "train.logging_steps=20", "task.max_eval_samples=64"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import lora_lab.config  # noqa: F401  registers the schema the root config builds on
+
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def train_run(overrides: list[str], run_dir: Path) -> dict:
+    """A real training run, in-process, on the composed config."""
+    from lora_lab.train import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train(compose(overrides), run_dir)
+
+
+def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> args` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())

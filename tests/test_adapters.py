@@ -1,0 +1,86 @@
+"""Target-module presets resolve to the right layers per architecture (Llama, GPT-2 Conv1D, BERT)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from lora_lab.adapters import lora_config
+from lora_lab.config import AdapterConfig
+
+
+def adapted_suffixes(model, preset, kind="causal_lm") -> set[str]:
+    peft_model = get_peft_model(model, lora_config(model, AdapterConfig(target_modules=preset), kind))
+    names = [n.removesuffix(".lora_A") for n, m in peft_model.named_modules() if n.endswith(".lora_A")]
+    return {".".join(n.split(".")[-2:]) for n in names}
+
+
+def llama():
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+
+
+def bert():
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "build,preset,kind,expected",
+    [
+        (llama, "qv", "causal_lm", {"self_attn.q_proj", "self_attn.v_proj"}),
+        (
+            llama,
+            "attn",
+            "causal_lm",
+            {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
+        ),
+        (llama, "mlp", "causal_lm", {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
+        (gpt2, "qv", "causal_lm", {"attn.c_attn"}),
+        (gpt2, "attn", "causal_lm", {"attn.c_attn", "attn.c_proj"}),
+        (gpt2, "mlp", "causal_lm", {"mlp.c_fc", "mlp.c_proj"}),
+        (gpt2, "all-linear", "causal_lm", {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}),
+        (bert, "qv", "seq_cls", {"self.query", "self.value"}),
+        (bert, "attn", "seq_cls", {"self.query", "self.key", "self.value", "output.dense"}),
+        (bert, "mlp", "seq_cls", {"intermediate.dense", "output.dense"}),
+    ],
+)
+def test_presets_resolve_per_architecture(build, preset, kind, expected):
+    torch.manual_seed(0)
+    assert adapted_suffixes(build(), preset, kind) == expected
+
+
+def test_bert_attn_and_mlp_presets_do_not_overlap():
+    attn = get_peft_model(bert(), lora_config(bert(), AdapterConfig(target_modules="attn"), "seq_cls"))
+    mlp = get_peft_model(bert(), lora_config(bert(), AdapterConfig(target_modules="mlp"), "seq_cls"))
+    attn_names = {n for n, _ in attn.named_modules() if n.endswith(".lora_A")}
+    mlp_names = {n for n, _ in mlp.named_modules() if n.endswith(".lora_A")}
+    assert attn_names and mlp_names and not attn_names & mlp_names
+
+
+def test_lm_head_is_never_adapted_by_all_linear():
+    assert "lm_head" not in {s.split(".")[-1] for s in adapted_suffixes(llama(), "all-linear")}

@@ -30,7 +30,7 @@ QUANTS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TASK_SOURCES = ("builtin", "jsonl", "hub")
 TASK_FORMATS = ("sft", "lm", "cls")
-METRIC_MODES = ("max", "min")
+METRIC_DIRECTIONS = ("maximize", "minimize")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -60,6 +60,7 @@ class ModelConfig:
 class AdapterConfig:
     r: int = 8
     alpha: float = 16.0
+    alpha_multiple: float | None = None  # when set, alpha = alpha_multiple * r (for sweeps over r)
     dropout: float = 0.05
     target_modules: Any = "all-linear"  # a preset name or a list of module names
     init: str = "gaussian"
@@ -97,7 +98,7 @@ class TaskConfig:
     labels: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     metric: str = "loss"
-    metric_mode: str = "min"
+    metric_direction: str = "minimize"
     max_length: int = 512
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -129,6 +130,16 @@ class LoggerConfig:
 
 
 @dataclass
+class TrialRef:
+    """Set by the lora_lab_optuna sweeper in each job: the Optuna trial this run is."""
+
+    study_name: str | None = None
+    storage: str | None = None
+    trial_id: int | None = None
+    number: int | None = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -136,7 +147,9 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    optimized_metric: str = "eval/loss"
+    # One metric name, or a list of them for a multi-objective study.
+    optimized_metric: Any = "eval/loss"
+    optuna_trial: TrialRef = field(default_factory=TrialRef)
     task_name: str = "train"
     tags: list[str] = field(default_factory=list)
 
@@ -184,6 +197,9 @@ def validate(cfg: DictConfig) -> RunConfig:
 
     if a.r < 1:
         raise ConfigError("adapter.r", a.r, "the LoRA rank must be an integer >= 1")
+    if a.alpha_multiple is not None:
+        _positive("adapter.alpha_multiple", a.alpha_multiple)
+        a.alpha = a.alpha_multiple * a.r
     _positive("adapter.alpha", a.alpha)
     if not 0.0 <= a.dropout < 1.0:
         raise ConfigError("adapter.dropout", a.dropout, "must be in [0, 1)")
@@ -212,7 +228,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("task.kind", t.kind, MODEL_KINDS)
     _choice("task.source", t.source, TASK_SOURCES)
     _choice("task.format", t.format, TASK_FORMATS)
-    _choice("task.metric_mode", t.metric_mode, METRIC_MODES)
+    _choice("task.metric_direction", t.metric_direction, METRIC_DIRECTIONS)
     if (t.format == "cls") != (t.kind == "seq_cls"):
         raise ConfigError(
             "task.format",
@@ -249,8 +265,4 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
     _choice("train.device", tr.device, DEVICES)
 
-    if not run.optimized_metric.startswith("eval/"):
-        raise ConfigError(
-            "optimized_metric", run.optimized_metric, "must name an eval metric, e.g. eval/loss"
-        )
     return run

@@ -30,8 +30,10 @@ from lora_lab.metrics import (
     step_metrics_fn,
 )
 from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
+from lora_lab.pruning import PruningCallback, load_trial
 from lora_lab.tasks import load_rows
 from lora_lab.trainer import (
+    DivergenceGuard,
     MeasureCallback,
     Measurements,
     build_trainer,
@@ -42,6 +44,8 @@ from lora_lab.trainer import (
 
 log = logging.getLogger("lora_lab")
 # Trainer bookkeeping that is not a metric of the model.
+# Measurements of the run that a (multi-objective) sweep may optimise besides eval metrics.
+RUN_MEASURES = ("params/trainable", "memory/peak_gib", "speed/tokens_per_second", "time/wall_seconds")
 _EVAL_BOOKKEEPING = {
     "eval_runtime",
     "eval_samples_per_second",
@@ -51,17 +55,28 @@ _EVAL_BOOKKEEPING = {
 }
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """One training run; returns the final metrics, also written to run_dir/metrics.json."""
+def objective_names(optimized_metric: str | list[str], task_metrics: list[str]) -> list[str]:
+    """The metrics a sweep optimises; checked before anything is trained."""
+    names = [optimized_metric] if isinstance(optimized_metric, str) else list(optimized_metric)
+    available = {"eval/loss", *(f"eval/{m}" for m in task_metrics), *RUN_MEASURES}
+    unknown = [n for n in names if n not in available]
+    if not names or unknown:
+        raise ConfigError(
+            "optimized_metric", optimized_metric, f"this run reports {', '.join(sorted(available))}"
+        )
+    return names
+
+
+def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None) -> dict[str, float]:
+    """One training run; returns the final metrics, also written to run_dir/metrics.json.
+
+    In a sweep job with a pruner, a pruned run raises optuna.TrialPruned before writing outputs.
+    """
     started = time.perf_counter()
     run = validate(cfg)
     task = run.task
     check_metric_names(task.kind, task.metrics, task.metric)
-    available = {"eval/loss"} | {f"eval/{m}" for m in task.metrics}
-    if run.optimized_metric not in available:
-        raise ConfigError(
-            "optimized_metric", run.optimized_metric, f"this task reports {', '.join(sorted(available))}"
-        )
+    objectives = objective_names(run.optimized_metric, task.metrics)
     device = resolve_device(run.train.device)
     compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
     transformers.set_seed(run.train.seed)
@@ -74,11 +89,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
     measurements = Measurements()
+    callbacks = [MeasureCallback(measurements), DivergenceGuard()]
+    pruning = None
+    if run.optuna_trial.study_name is not None and pruner_cfg and len(objectives) == 1:
+        pruning = PruningCallback(
+            load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
+        )
+        callbacks.append(pruning)
     args = training_arguments(run.train, run_dir / "checkpoints", device, compute_dtype)
-    trainer = build_trainer(
-        model, data, args, step_metrics_fn(task.kind, task.metrics), [MeasureCallback(measurements)]
-    )
+    trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), callbacks)
     trainer.train()
+    if pruning is not None:
+        pruning.raise_if_pruned()
 
     final = trainer.evaluate()
     metrics = {
@@ -129,18 +151,20 @@ def write_outputs(run_dir: Path, model, metrics: dict) -> None:
 
 
 @hydra.main(config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        metrics = train(cfg, run_dir)
+        metrics = train(cfg, run_dir, pruner_cfg=hydra_cfg.sweeper.get("pruner"))
     except ConfigError as e:
         log.error("%s", e)
         if hydra_cfg.mode == RunMode.RUN:
             sys.exit(2)  # one line, no traceback; in a sweep the error fails only this trial
         raise
     log.info("outputs in %s", run_dir)
-    return metrics[cfg.optimized_metric]
+    names = objective_names(cfg.optimized_metric, list(cfg.task.metrics))
+    values = [metrics[name] for name in names]
+    return values[0] if isinstance(cfg.optimized_metric, str) else values
 
 
 if __name__ == "__main__":

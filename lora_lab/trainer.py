@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,22 @@ class MeasureCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.measurements.train_seconds = time.perf_counter() - self._started - self._eval_seconds
         self.measurements.tokens_seen = int(state.num_input_tokens_seen)
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops a run whose loss is NaN/Inf at once, instead of training on garbage to the end."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"train loss is {loss} at step {state.global_step}: lower train.lr, raise train.warmup_ratio, "
+                "or use quant.compute_dtype=float32"
+            )
 
 
 def training_arguments(

@@ -1,0 +1,159 @@
+"""Real Optuna sweeps as Hydra multiruns on the tiny model (subprocesses, SQLite storage in tmp)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from conftest import ROOT, cli
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+FAST = [
+    "train.max_steps=10",
+    "train.eval_steps=5",
+    "train.logging_steps=5",
+    "task.max_eval_samples=16",
+    "task.metrics=[token_accuracy]",
+]
+
+
+def sweep(tmp_path, *overrides, name="s", timeout=600):
+    sweep_dir = tmp_path / name
+    args = [
+        "-m",
+        "lora_lab.train",
+        "-m",
+        "hparams_search=lora",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        "hydra.sweeper.study_name=study",
+        *FAST,
+        *overrides,
+    ]
+    result = cli(args, cwd=tmp_path, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return sweep_dir
+
+
+def load(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_study_runs_and_resumes_in_sqlite(tmp_path):
+    sweep_dir = sweep(tmp_path, "hydra.sweeper.n_trials=4")
+    study = load(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    for trial in study.trials:  # each trial's value is its job's metric
+        metrics = json.loads((sweep_dir / str(trial.number) / "metrics.json").read_text())
+        assert trial.value == pytest.approx(metrics["eval/token_accuracy"])
+        assert set(trial.params) == {"adapter.r", "adapter.alpha_multiple", "train.lr"}
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(study.best_value)
+    summary = yaml.safe_load((sweep_dir / "study_summary.yaml").read_text())
+    assert summary["trial_states"]["COMPLETE"] == 4
+    assert f"adapter.r={study.best_params['adapter.r']}" in summary["best_command"]
+
+    resumed = sweep(tmp_path, "hydra.sweeper.n_trials=2", name="resumed")
+    study = load(tmp_path)
+    assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert sorted(p.name for p in resumed.iterdir() if p.name.isdigit()) == ["4", "5"]
+
+
+def test_pruner_prunes_trials(tmp_path):
+    # token accuracy of a barely trained tiny model is far below 0.99: every trial is pruned at its first report
+    sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=2",
+        "train.eval_on_start=false",
+        "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, lower: 0.99}",
+    )
+    study = load(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(t.intermediate_values and max(t.intermediate_values) == 5 for t in study.trials)
+
+
+def test_failing_trial_fails_alone(tmp_path):
+    sweep_dir = sweep(
+        tmp_path,
+        "hydra/sweeper/sampler=grid",
+        "hydra.sweeper.params={train.lr: 'choice(0.003, -1.0)', adapter.r: 'choice(4, 8)'}",
+    )
+    states = {(t.params["train.lr"], t.params["adapter.r"]): t for t in load(tmp_path).trials}
+    assert len(states) == 4
+    for (lr, _), trial in states.items():
+        if lr < 0:
+            assert trial.state == TrialState.FAIL
+            assert "train.lr=-1.0" in trial.user_attrs["fail_reason"]
+            assert not (sweep_dir / str(trial.number) / "metrics.json").exists()
+        else:
+            assert trial.state == TrialState.COMPLETE
+
+
+def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [
+        sys.executable,
+        "-m",
+        "lora_lab.train",
+        "-m",
+        "hparams_search=lora",
+        f"hydra.sweep.dir={tmp_path}/killed",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        "hydra.sweeper.study_name=study",
+        "hydra.sweeper.n_trials=2",
+        "train.max_steps=100000",
+        "train.eval_steps=100000",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "0" / "train.log").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.RUNNING]
+
+    sweep(tmp_path, "hydra.sweeper.n_trials=1", name="resumed")
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "interrupted" in trials[0].user_attrs["fail_reason"]
+
+
+def test_multi_objective_writes_the_pareto_front(tmp_path):
+    sweep_dir = sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=3",
+        "optimized_metric=[eval/token_accuracy,params/trainable]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+    )
+    front = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["solutions"]
+    assert front and all(len(s["values"]) == 2 for s in front)
+    study = load(tmp_path)
+    assert {tuple(t.values) for t in study.best_trials} == {tuple(s["values"]) for s in front}
+
+
+def test_parallel_trials_with_the_joblib_launcher(tmp_path):
+    sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+    )
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 2

@@ -157,3 +157,40 @@ def test_parallel_trials_with_the_joblib_launcher(tmp_path):
         "hydra.sweeper.n_trials=2",
     )
     assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 2
+
+
+def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    common = [
+        "-m",
+        "lora_lab.train",
+        "-m",
+        "hparams_search=lora",
+        f"hydra.sweeper.storage={postgres_url}",
+        "hydra.sweeper.study_name=shared",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.fail_stale_running=false",
+        *FAST,
+    ]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, *common, f"hydra.sweep.dir={tmp_path}/worker{i}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        out, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    ran = [yaml.safe_load(p.read_text()) for p in tmp_path.glob("worker*/*/.hydra/overrides.yaml")]
+    numbers = sorted(
+        int(o.split("=")[1]) for overrides in ran for o in overrides if o.startswith("++optuna_trial.number=")
+    )
+    assert numbers == list(range(6))  # every trial ran exactly once, in one of the workers

@@ -13,14 +13,17 @@ What it adds to the stock plugin, without replacing its sweep loop:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import sqlalchemy
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
@@ -81,12 +84,7 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
 
     def sweep(self, arguments: list[str]) -> None:
         self._arguments = list(arguments)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            directions=self._get_directions(),
-            load_if_exists=True,
-        )
+        study = self._open_study()
         existing = study.get_trials(deepcopy=False)
         if self.fail_stale_running:
             for trial in existing:
@@ -111,6 +109,23 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
                 raise
             log.warning("no trial completed (%s): optimization_results.yaml not written", e)
         self._write_summary()
+
+    def _open_study(self) -> optuna.Study:
+        """Create or load the study. Workers that start together on an empty database race to
+        create Optuna's tables; the loser gets an IntegrityError and simply tries again."""
+        open_study = functools.partial(
+            optuna.create_study,
+            study_name=self.study_name,
+            storage=self.storage,
+            directions=self._get_directions(),
+            load_if_exists=True,
+        )
+        for delay in (1, 2, 4):
+            try:
+                return open_study()
+            except sqlalchemy.exc.IntegrityError:
+                time.sleep(delay)
+        return open_study()
 
     def _configure_trials(self, trials: list, *args: Any) -> Any:
         self._batch = list(trials)

@@ -45,7 +45,8 @@ TARGET_MODULE_PRESETS: dict[str, dict[str, list[str] | str]] = {
 # Heads that a classification fine-tune trains in full (PEFT adds `classifier` and `score`
 # itself); DeBERTa's pooler is new at fine-tuning time too.
 EXTRA_TRAINED_MODULES = {"deberta-v2": ["pooler"]}
-PEFT_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora"}
+# loftq: PEFT leaves the weights alone and lora_lab.loftq sets both A and B.
+PEFT_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora", "loftq": False}
 
 
 def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | str) -> list[str] | str:
@@ -93,7 +94,7 @@ def lora_config(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> Lo
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=resolve_target_modules(model, adapter.target_modules),
-        init_lora_weights=PEFT_INIT.get(adapter.init, "gaussian"),
+        init_lora_weights=PEFT_INIT[adapter.init],
         use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora,
         task_type=TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM,

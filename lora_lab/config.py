@@ -65,6 +65,7 @@ class AdapterConfig:
     target_modules: Any = "all-linear"  # a preset name or a list of module names
     init: str = "gaussian"
     loftq_iter: int = 1
+    loftq_svd: str = "randomized"  # randomized (rank-r, fast) | exact
     use_rslora: bool = False
     use_dora: bool = False
 
@@ -74,6 +75,8 @@ class QuantConfig:
     name: str = "none"
     double_quant: bool = True
     compute_dtype: str = "auto"
+    # Write quant_error.json (reads each adapted full-precision weight once from the checkpoint).
+    error_report: bool = True
 
 
 @dataclass
@@ -213,6 +216,7 @@ def validate(cfg: DictConfig) -> RunConfig:
             f"a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of names",
         )
     _choice("adapter.init", a.init, INITS)
+    _choice("adapter.loftq_svd", a.loftq_svd, ("randomized", "exact"))
     if a.loftq_iter < 1:
         raise ConfigError("adapter.loftq_iter", a.loftq_iter, "must be an integer >= 1")
     if a.init == "loftq" and q.name not in ("nf4", "fp4"):

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -125,11 +126,59 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype) -> BitsA
     )
 
 
+def model_dir(model_cfg: ModelConfig) -> Path:
+    """The local directory of the base model: the tiny model's cache, a local path, or the Hub cache."""
+    if model_cfg.name_or_path is None:
+        return build_tiny_model(model_cfg.tiny)
+    if Path(model_cfg.name_or_path).is_dir():
+        return Path(model_cfg.name_or_path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                model_cfg.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+            )
+        )
+    except Exception as e:  # offline and not cached, unknown id, gated repo: many error types
+        raise ConfigError(
+            "model.name_or_path",
+            model_cfg.name_or_path,
+            f"not a local model directory, and the Hub could not provide it ({str(e).splitlines()[0]})",
+        ) from None
+
+
+class CheckpointReader:
+    """Reads one full-precision weight at a time from a safetensors checkpoint (for LoftQ and the
+    quantization-error report), so the extra memory is one layer, not a second copy of the model."""
+
+    def __init__(self, directory: Path, base_model_prefix: str):
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {key: directory / file for key, file in weight_map.items()}
+        else:
+            single = directory / "model.safetensors"
+            with safe_open(single, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        self.prefix = base_model_prefix
+
+    def weight(self, module_name: str) -> torch.Tensor:
+        """The weight of a module, named as in the loaded model; checkpoints of a bare base model
+        (a BERT encoder for a classifier) lack the `bert.` prefix, others may add one."""
+        key = f"{module_name}.weight"
+        for candidate in (key, key.removeprefix(f"{self.prefix}."), f"{self.prefix}.{key}"):
+            if candidate in self.files:
+                with safe_open(self.files[candidate], "pt") as f:
+                    return f.get_tensor(candidate)
+        raise KeyError(f"{key} is not in the checkpoint")
+
+
 def load_model(
     model_cfg: ModelConfig, quant: QuantConfig, labels: list[str], device: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load tokenizer and base model (quantized if asked) onto `device`, frozen, ready for an adapter."""
-    path = str(build_tiny_model(model_cfg.tiny)) if model_cfg.name_or_path is None else model_cfg.name_or_path
+    path = str(model_dir(model_cfg))
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     kwargs = {
         "dtype": compute_dtype,

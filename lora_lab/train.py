@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import build_task_data
+from lora_lab.loftq import loftq_initialise, quant_error_report, summarise
 from lora_lab.metrics import (
     add_perplexity,
     check_metric_names,
@@ -29,7 +30,7 @@ from lora_lab.metrics import (
     generate_responses,
     step_metrics_fn,
 )
-from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
+from lora_lab.models import CheckpointReader, load_model, model_dir, resolve_compute_dtype, resolve_device
 from lora_lab.pruning import PruningCallback, load_trial
 from lora_lab.tasks import load_rows
 from lora_lab.trainer import (
@@ -85,6 +86,24 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None) -> dict[str, float]:
     train_rows, eval_rows = load_rows(task)
     model, tokenizer = load_model(run.model, run.quant, task.labels, device)
     model = attach_adapter(model, run.adapter, run.model.kind)
+    quant_errors = None
+    if run.quant.name != "none" and (run.adapter.init == "loftq" or run.quant.error_report):
+        checkpoint = CheckpointReader(model_dir(run.model), model.get_base_model().base_model_prefix)
+        loftq = None
+        if run.adapter.init == "loftq":
+            loftq = loftq_initialise(
+                model,
+                checkpoint,
+                str(model_dir(run.model)),
+                run.quant.name,
+                run.quant.double_quant,
+                run.adapter.r,
+                run.adapter.loftq_iter,
+                run.adapter.loftq_svd,
+            )
+        if run.quant.error_report:
+            quant_errors = quant_error_report(model, checkpoint, loftq)
+            log.info("quantization error: %s", summarise(quant_errors))
     data = build_task_data(train_rows, eval_rows, task.format, tokenizer, task.max_length)
     log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
@@ -133,21 +152,27 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None) -> dict[str, float]:
         "time/train_seconds": measurements.train_seconds,
         "time/wall_seconds": time.perf_counter() - started,
     }
-    write_outputs(run_dir, model, metrics)
+    write_outputs(run_dir, model, metrics, quant_errors)
     log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
     return metrics
 
 
-def write_outputs(run_dir: Path, model, metrics: dict) -> None:
-    """Write adapter/ and metrics.json under temporary names, then rename: a crash leaves neither half-written."""
+def write_outputs(run_dir: Path, model, metrics: dict, quant_errors: list[dict] | None) -> None:
+    """Write each output under a temporary name, then rename: a crash leaves nothing half-written."""
     staging = run_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)
     staging.rename(run_dir / "adapter")
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, run_dir / "metrics.json")
+    if quant_errors is not None:
+        write_json(run_dir / "quant_error.json", quant_errors)
+    write_json(run_dir / "metrics.json", metrics)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 @hydra.main(config_path="../conf", config_name="train")

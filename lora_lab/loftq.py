@@ -1,0 +1,258 @@
+"""LoftQ initialisation (Li et al. 2023) of LoRA adapters on a bitsandbytes 4-bit model, and the
+per-layer quantization-error report.
+
+For each adapted weight W, alternate Q = quantize(W - L R) and L R = rank-r approximation of W - Q.
+Unlike PEFT's `loftq_init`, this
+- quantizes with bitsandbytes' own 4-bit quantizer and the layer's block size, and installs that
+  exact Q in the layer, so the adapter is fitted against the backbone that trains;
+- splits L R into the adapter with the layer's LoRA scaling s (alpha / r, or alpha / sqrt(r) with
+  rsLoRA), so that s * B @ A == L R for every alpha (PEFT assumes alpha == r);
+- streams one full-precision weight at a time from the checkpoint, on whatever device the model is;
+- uses a randomized rank-r SVD by default (torch.svd_lowrank), an exact SVD by config;
+- caches Q, L and R on disk: sweep trials that differ only in alpha or lr reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from tqdm import tqdm
+
+from lora_lab.models import CheckpointReader, cache_dir
+
+log = logging.getLogger(__name__)
+
+# Bump when the algorithm or the cache layout changes.
+LOFTQ_VERSION = 1
+# Extra dimensions of the randomized SVD's subspace, beyond the rank (Halko et al.'s oversampling).
+SVD_OVERSAMPLING = 16
+SVD_POWER_ITERATIONS = 4
+
+
+@dataclass
+class LayerInit:
+    """LoftQ's result for one layer: its 4-bit weight and the unscaled low-rank factors L @ R."""
+
+    packed_weight: torch.Tensor
+    quant_state: bnbf.QuantState
+    left: torch.Tensor  # (out, r)
+    right: torch.Tensor  # (r, in)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a bitsandbytes 4-bit layer quantizes its weight."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    compress_statistics: bool = True  # double quantization
+    quant_storage: torch.dtype = torch.uint8
+
+    @classmethod
+    def of(cls, weight: bnb.nn.Params4bit) -> QuantSpec:
+        return cls(weight.quant_type, weight.blocksize, weight.compress_statistics, weight.quant_storage)
+
+
+def quantize_like(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, bnbf.QuantState]:
+    """Quantize as the layer's own Params4bit did: same quantizer, type, block size and double quant."""
+    return bnbf.quantize_4bit(
+        weight,
+        blocksize=spec.blocksize,
+        compress_statistics=spec.compress_statistics,
+        quant_type=spec.quant_type,
+        quant_storage=spec.quant_storage,
+    )
+
+
+def low_rank(residual: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """L (out, r), R (r, in) with L @ R the best rank-r approximation of `residual` (randomized or exact)."""
+    if svd == "exact":
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    else:
+        q = min(rank + SVD_OVERSAMPLING, *residual.shape)
+        u, s, v = torch.svd_lowrank(residual, q=q, niter=SVD_POWER_ITERATIONS)
+        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    root = s.sqrt()
+    return u * root, (v * root).T
+
+
+def loftq_layer(weight: torch.Tensor, spec: QuantSpec, rank: int, iterations: int, svd: str) -> LayerInit:
+    """The LoftQ alternation for one full-precision weight (computed in fp32)."""
+    target = weight.float()
+    residual_fit = torch.zeros_like(target)
+    for _ in range(iterations):
+        packed, state = quantize_like((target - residual_fit).to(weight.dtype), spec)
+        dequantized = bnbf.dequantize_4bit(packed, state).float()
+        left, right = low_rank(target - dequantized, rank, svd)
+        residual_fit = left @ right
+    return LayerInit(packed, state, left, right)
+
+
+def install(lora_layer, init: LayerInit, adapter_name: str = "default") -> None:
+    """Put Q into the layer's 4-bit weight and s * B @ A == L @ R into its adapter."""
+    base = lora_layer.base_layer
+    old = base.weight
+    base.weight = bnb.nn.Params4bit(
+        init.packed_weight,
+        requires_grad=False,
+        quant_state=init.quant_state,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+        module=base,
+        bnb_quantized=True,
+    )
+    base.quant_state = init.quant_state
+    root_scaling = float(lora_layer.scaling[adapter_name]) ** 0.5
+    lora_A, lora_B = lora_layer.lora_A[adapter_name].weight, lora_layer.lora_B[adapter_name].weight
+    with torch.no_grad():
+        lora_A.copy_((init.right / root_scaling).to(lora_A.dtype))
+        lora_B.copy_((init.left / root_scaling).to(lora_B.dtype))
+
+
+def adapted_4bit_layers(peft_model) -> dict[str, torch.nn.Module]:
+    """PEFT LoRA layers wrapping a bitsandbytes Linear4bit, by their base-model module name."""
+    layers = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), bnb.nn.Linear4bit):
+            layers[name.removeprefix("base_model.model.")] = module
+    return layers
+
+
+def cache_key(
+    model_identity: str,
+    layers: dict,
+    quant_name: str,
+    double_quant: bool,
+    rank: int,
+    iterations: int,
+    svd: str,
+) -> str:
+    first = next(iter(layers.values())).base_layer.weight
+    recipe = {
+        "version": LOFTQ_VERSION,
+        "model": model_identity,
+        "quant": quant_name,
+        "double_quant": double_quant,
+        "blocksize": first.blocksize,
+        "dtype": str(first.quant_state.dtype),
+        "rank": rank,
+        "iterations": iterations,
+        "svd": svd,
+        "modules": sorted(layers),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save(path: Path, inits: dict[str, LayerInit]) -> None:
+    payload = {
+        name: {
+            "weight": i.packed_weight,
+            "quant_state": i.quant_state.as_dict(packed=True),
+            "left": i.left,
+            "right": i.right,
+        }
+        for name, i in inits.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # parallel trials never read a half-written file
+
+
+def _load(path: Path, device: torch.device) -> dict[str, LayerInit]:
+    payload = torch.load(path, map_location=device, weights_only=True)
+    return {
+        name: LayerInit(
+            d["weight"], bnbf.QuantState.from_dict(d["quant_state"], device), d["left"], d["right"]
+        )
+        for name, d in payload.items()
+    }
+
+
+@torch.no_grad()
+def loftq_initialise(
+    peft_model,
+    checkpoint: CheckpointReader,
+    model_identity: str,
+    quant_name: str,
+    double_quant: bool,
+    rank: int,
+    iterations: int,
+    svd: str,
+) -> dict[str, LayerInit]:
+    """Initialise every adapted 4-bit layer with LoftQ, from the cache when the same init was computed before."""
+    layers = adapted_4bit_layers(peft_model)
+    key = cache_key(model_identity, layers, quant_name, double_quant, rank, iterations, svd)
+    path = cache_dir() / "loftq" / f"{key}.pt"
+    device = next(iter(layers.values())).base_layer.weight.device
+    if path.exists():
+        log.info("LoftQ: reusing %s", path)
+        inits = _load(path, device)
+    else:
+        inits = {}
+        for name, layer in tqdm(layers.items(), desc=f"LoftQ r={rank} x{iterations}", unit="layer"):
+            weight = checkpoint.weight(name).to(
+                device=device, dtype=layer.base_layer.weight.quant_state.dtype
+            )
+            inits[name] = loftq_layer(weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd)
+        _save(path, inits)
+    for name, layer in layers.items():
+        install(layer, inits[name])
+    return inits
+
+
+def dequantized_weight(layer) -> torch.Tensor:
+    """The full-precision weight a bitsandbytes layer computes with (4-bit or int8)."""
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.data.float() * weight.SCB.float()[:, None] / 127.0  # LLM.int8(): row-wise absmax scales
+
+
+@torch.no_grad()
+def quant_error_report(
+    peft_model, checkpoint: CheckpointReader, loftq: dict[str, LayerInit] | None
+) -> list[dict]:
+    """Per adapted module: ||W - Q0|| / ||W|| of plain quantization, and with LoftQ ||W - Q - s B A|| / ||W||."""
+    rows = []
+    for name, module in peft_model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if not hasattr(module, "lora_A") or not isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        name = name.removeprefix("base_model.model.")
+        weight = checkpoint.weight(name).to(base.weight.device).float()
+        norm = weight.norm()
+        if loftq is not None and name in loftq:  # the layer now holds LoftQ's Q: quantize W afresh
+            packed, state = quantize_like(weight.to(base.weight.quant_state.dtype), QuantSpec.of(base.weight))
+            plain_error = weight - bnbf.dequantize_4bit(packed, state).float()
+        else:
+            plain_error = weight - dequantized_weight(base)
+        row = {"module": name, "shape": list(weight.shape), "qlora_rel_err": float(plain_error.norm() / norm)}
+        if loftq is not None and name in loftq:
+            delta = module.get_delta_weight("default").float()
+            row["loftq_rel_err"] = float((weight - dequantized_weight(base) - delta).norm() / norm)
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict]) -> str:
+    parts = []
+    for key in ("qlora_rel_err", "loftq_rel_err"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            worst = max(rows, key=lambda r: r.get(key, -1.0))
+            parts.append(
+                f"{key} mean {sum(values) / len(values):.4f}, worst {worst[key]:.4f} ({worst['module']})"
+            )
+    return "; ".join(parts)

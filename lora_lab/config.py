@@ -130,6 +130,12 @@ class TrainConfig:
 @dataclass
 class LoggerConfig:
     name: str = "none"
+    project: str = "lora_lab"
+    entity: str | None = None
+    group: str | None = None  # default: the study name in a sweep, task_name otherwise
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline
+    init_timeout: float = 30.0
 
 
 @dataclass
@@ -268,5 +274,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _positive("train.weight_decay", tr.weight_decay, allow_zero=True)
     _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
     _choice("train.device", tr.device, DEVICES)
+    _choice("logger.name", run.logger.name, ("none", "wandb"))
+    _choice("logger.mode", run.logger.mode, ("auto", "online", "offline"))
 
     return run

@@ -116,3 +116,51 @@ def exact_match(predictions: list[str], references: list[str], answer_pattern: s
 def _extract(pattern: str, text: str) -> str:
     found = re.findall(pattern, text)
     return found[-1].replace(",", "").strip() if found else ""
+
+
+@torch.no_grad()
+def lora_diagnostics(peft_model) -> list[dict]:
+    """Per LoRA layer: ||s B A|| / ||W|| (how far the adapter moved the weight) and the singular
+    values of B A, with the effective rank exp(entropy of the normalised spectrum) (Roy & Vetterli)."""
+    from lora_lab.loftq import dequantized_weight
+
+    rows = []
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        base = module.base_layer
+        weight = (
+            base.weight.float()
+            if isinstance(base.weight, torch.nn.Parameter) and base.weight.dtype.is_floating_point
+            else dequantized_weight(base)
+        )
+        lora_a = module.lora_A["default"].weight.float()
+        lora_b = module.lora_B["default"].weight.float()
+        # The r x r core of B A has the same singular values, at a fraction of the cost.
+        _, r_b = torch.linalg.qr(lora_b)
+        _, r_a = torch.linalg.qr(lora_a.T)
+        singular = torch.linalg.svdvals(r_b @ r_a.T)
+        scaling = float(module.scaling["default"])
+        total = float(singular.sum())
+        p = singular / total if total > 0 else singular
+        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+        rows.append(
+            {
+                "module": name.removeprefix("base_model.model."),
+                "type": name.rsplit(".", 1)[-1],
+                "relative_update": scaling * float(singular.square().sum().sqrt()) / float(weight.norm()),
+                "effective_rank": float(torch.tensor(entropy).exp()) if total > 0 else 0.0,
+                "rank": int(lora_a.shape[0]),
+            }
+        )
+    return rows
+
+
+def summarise_diagnostics(rows: list[dict]) -> dict[str, float]:
+    """Mean relative update and effective rank per module type (q_proj, v_proj, ...)."""
+    summary: dict[str, float] = {}
+    for kind in sorted({r["type"] for r in rows}):
+        of_kind = [r for r in rows if r["type"] == kind]
+        summary[f"lora/{kind}/relative_update"] = sum(r["relative_update"] for r in of_kind) / len(of_kind)
+        summary[f"lora/{kind}/effective_rank"] = sum(r["effective_rank"] for r in of_kind) / len(of_kind)
+    return summary

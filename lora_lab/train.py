@@ -17,7 +17,7 @@ import hydra
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import ConfigError, validate
@@ -28,15 +28,19 @@ from lora_lab.metrics import (
     check_metric_names,
     exact_match,
     generate_responses,
+    lora_diagnostics,
     step_metrics_fn,
+    summarise_diagnostics,
 )
 from lora_lab.models import CheckpointReader, load_model, model_dir, resolve_compute_dtype, resolve_device
 from lora_lab.pruning import PruningCallback, load_trial
 from lora_lab.tasks import load_rows
+from lora_lab.tracking import DiagnosticsCallback, tracking
 from lora_lab.trainer import (
     DivergenceGuard,
     MeasureCallback,
     Measurements,
+    TrainingDiverged,
     build_trainer,
     peak_memory_gib,
     reset_peak_memory,
@@ -68,7 +72,7 @@ def objective_names(optimized_metric: str | list[str], task_metrics: list[str]) 
     return names
 
 
-def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "default") -> dict[str, float]:
     """One training run; returns the final metrics, also written to run_dir/metrics.json.
 
     In a sweep job with a pruner, a pruned run raises optuna.TrialPruned before writing outputs.
@@ -78,83 +82,107 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None) -> dict[str, float]:
     task = run.task
     check_metric_names(task.kind, task.metrics, task.metric)
     objectives = objective_names(run.optimized_metric, task.metrics)
-    device = resolve_device(run.train.device)
-    compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
-    transformers.set_seed(run.train.seed)
-    reset_peak_memory(device)
+    in_sweep = run.optuna_trial.study_name is not None
+    with tracking(
+        run.logger,
+        OmegaConf.to_container(cfg, resolve=True),
+        run_dir,
+        group=run.optuna_trial.study_name if in_sweep else run.task_name,
+        job_type="trial" if in_sweep else "train",
+        name=run_name,
+        tags=[
+            run.model.name,
+            f"quant={run.quant.name}",
+            f"init={run.adapter.init}",
+            f"r={run.adapter.r}",
+            *run.tags,
+        ],
+    ) as tracker:
+        device = resolve_device(run.train.device)
+        compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
+        transformers.set_seed(run.train.seed)
+        reset_peak_memory(device)
 
-    train_rows, eval_rows = load_rows(task)
-    model, tokenizer = load_model(run.model, run.quant, task.labels, device)
-    model = attach_adapter(model, run.adapter, run.model.kind)
-    quant_errors = None
-    if run.quant.name != "none" and (run.adapter.init == "loftq" or run.quant.error_report):
-        checkpoint = CheckpointReader(model_dir(run.model), model.get_base_model().base_model_prefix)
-        loftq = None
-        if run.adapter.init == "loftq":
-            loftq = loftq_initialise(
-                model,
-                checkpoint,
-                str(model_dir(run.model)),
-                run.quant.name,
-                run.quant.double_quant,
-                run.adapter.r,
-                run.adapter.loftq_iter,
-                run.adapter.loftq_svd,
+        train_rows, eval_rows = load_rows(task)
+        model, tokenizer = load_model(run.model, run.quant, task.labels, device)
+        model = attach_adapter(model, run.adapter, run.model.kind)
+        quant_errors = None
+        if run.quant.name != "none" and (run.adapter.init == "loftq" or run.quant.error_report):
+            checkpoint = CheckpointReader(model_dir(run.model), model.get_base_model().base_model_prefix)
+            loftq = None
+            if run.adapter.init == "loftq":
+                loftq = loftq_initialise(
+                    model,
+                    checkpoint,
+                    str(model_dir(run.model)),
+                    run.quant.name,
+                    run.quant.double_quant,
+                    run.adapter.r,
+                    run.adapter.loftq_iter,
+                    run.adapter.loftq_svd,
+                )
+            if run.quant.error_report:
+                quant_errors = quant_error_report(model, checkpoint, loftq)
+                log.info("quantization error: %s", summarise(quant_errors))
+                tracker.log_table("quant_error", quant_errors)
+        data = build_task_data(train_rows, eval_rows, task.format, tokenizer, task.max_length)
+        log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
+
+        measurements = Measurements()
+        callbacks = [MeasureCallback(measurements), DivergenceGuard(), DiagnosticsCallback(tracker, model)]
+        pruning = None
+        if run.optuna_trial.study_name is not None and pruner_cfg and len(objectives) == 1:
+            pruning = PruningCallback(
+                load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
             )
-        if run.quant.error_report:
-            quant_errors = quant_error_report(model, checkpoint, loftq)
-            log.info("quantization error: %s", summarise(quant_errors))
-    data = build_task_data(train_rows, eval_rows, task.format, tokenizer, task.max_length)
-    log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
-
-    measurements = Measurements()
-    callbacks = [MeasureCallback(measurements), DivergenceGuard()]
-    pruning = None
-    if run.optuna_trial.study_name is not None and pruner_cfg and len(objectives) == 1:
-        pruning = PruningCallback(
-            load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
+            callbacks.append(pruning)
+        args = training_arguments(
+            run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to
         )
-        callbacks.append(pruning)
-    args = training_arguments(run.train, run_dir / "checkpoints", device, compute_dtype)
-    trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), callbacks)
-    trainer.train()
-    if pruning is not None:
-        pruning.raise_if_pruned()
+        trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), callbacks)
+        trainer.train()
+        if pruning is not None:
+            pruning.raise_if_pruned()
 
-    final = trainer.evaluate()
-    metrics = {
-        f"eval/{k.removeprefix('eval_')}": float(v) for k, v in final.items() if k not in _EVAL_BOOKKEEPING
-    }
-    if "perplexity" in task.metrics:
-        add_perplexity(metrics)
-    if "exact_match" in task.metrics:
-        predictions = generate_responses(
-            model, tokenizer, data.eval_prompts, task.generate_max_new_tokens, run.train.eval_batch_size
-        )
-        metrics["eval/exact_match"] = exact_match(predictions, data.eval_references, task.answer_pattern)
-
-    if run.train.eval_on_start and measurements.eval_history:
-        start = measurements.eval_history[0]
-        metrics |= {
-            f"baseline/{k.removeprefix('eval_')}": float(v)
-            for k, v in start.items()
-            if k.startswith("eval_") and k not in _EVAL_BOOKKEEPING
+        final = trainer.evaluate()
+        metrics = {
+            f"eval/{k.removeprefix('eval_')}": float(v)
+            for k, v in final.items()
+            if k not in _EVAL_BOOKKEEPING
         }
-    trainable, total = model.get_nb_trainable_parameters()
-    metrics |= {
-        "params/trainable": trainable,
-        "params/total": total,
-        "params/trainable_pct": 100.0 * trainable / total,
-        "train/steps": trainer.state.global_step,
-        "train/tokens": measurements.tokens_seen,
-        "speed/tokens_per_second": measurements.tokens_per_second,
-        "memory/peak_gib": peak_memory_gib(device),
-        "time/train_seconds": measurements.train_seconds,
-        "time/wall_seconds": time.perf_counter() - started,
-    }
-    write_outputs(run_dir, model, metrics, quant_errors)
-    log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
-    return metrics
+        if "perplexity" in task.metrics:
+            add_perplexity(metrics)
+        if "exact_match" in task.metrics:
+            predictions = generate_responses(
+                model, tokenizer, data.eval_prompts, task.generate_max_new_tokens, run.train.eval_batch_size
+            )
+            metrics["eval/exact_match"] = exact_match(predictions, data.eval_references, task.answer_pattern)
+
+        if run.train.eval_on_start and measurements.eval_history:
+            start = measurements.eval_history[0]
+            metrics |= {
+                f"baseline/{k.removeprefix('eval_')}": float(v)
+                for k, v in start.items()
+                if k.startswith("eval_") and k not in _EVAL_BOOKKEEPING
+            }
+        trainable, total = model.get_nb_trainable_parameters()
+        metrics |= {
+            "params/trainable": trainable,
+            "params/total": total,
+            "params/trainable_pct": 100.0 * trainable / total,
+            "train/steps": trainer.state.global_step,
+            "train/tokens": measurements.tokens_seen,
+            "speed/tokens_per_second": measurements.tokens_per_second,
+            "memory/peak_gib": peak_memory_gib(device),
+            "time/train_seconds": measurements.train_seconds,
+            "time/wall_seconds": time.perf_counter() - started,
+        }
+        diagnostics = lora_diagnostics(model)
+        tracker.log_table("lora_diagnostics", diagnostics)
+        tracker.summarise({**metrics, **summarise_diagnostics(diagnostics)})
+        write_outputs(run_dir, model, metrics, quant_errors)
+        log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
+        return metrics
 
 
 def write_outputs(run_dir: Path, model, metrics: dict, quant_errors: list[dict] | None) -> None:
@@ -175,16 +203,27 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def run_name(overrides: list[str]) -> str:
+    """The run's name in trackers: its command-line overrides, without the sweeper's bookkeeping."""
+    own = [o for o in overrides if not o.startswith("++optuna_trial.")]
+    return ",".join(own) if own else "default"
+
+
 @hydra.main(config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        metrics = train(cfg, run_dir, pruner_cfg=hydra_cfg.sweeper.get("pruner"))
-    except ConfigError as e:
+        metrics = train(
+            cfg,
+            run_dir,
+            pruner_cfg=hydra_cfg.sweeper.get("pruner"),
+            run_name=run_name(hydra_cfg.overrides.task),
+        )
+    except (ConfigError, TrainingDiverged) as e:
         log.error("%s", e)
         if hydra_cfg.mode == RunMode.RUN:
-            sys.exit(2)  # one line, no traceback; in a sweep the error fails only this trial
+            sys.exit(2)  # one clear line, no traceback; in a sweep the error fails only this trial
         raise
     log.info("outputs in %s", run_dir)
     names = objective_names(cfg.optimized_metric, list(cfg.task.metrics))

@@ -57,16 +57,17 @@ class DivergenceGuard(TrainerCallback):
     """Stops a run whose loss is NaN/Inf at once, instead of training on garbage to the end."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"train loss is {loss} at step {state.global_step}: lower train.lr, raise train.warmup_ratio, "
-                "or use quant.compute_dtype=float32"
-            )
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"train {key} is {value} at step {state.global_step}: lower train.lr, raise "
+                    "train.warmup_ratio, or use quant.compute_dtype=float32"
+                )
 
 
 def training_arguments(
-    train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype
+    train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype, report_to: list[str]
 ) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -83,6 +84,7 @@ def training_arguments(
         eval_steps=train.eval_steps,
         eval_on_start=train.eval_on_start,
         logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must reach DivergenceGuard, not be averaged away
         save_strategy="no",
         seed=train.seed,
         data_seed=train.seed,
@@ -94,7 +96,7 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],
         remove_unused_columns=False,
-        report_to="none",
+        report_to=report_to or "none",
         disable_tqdm=True,
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
     )

@@ -194,3 +194,11 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
         int(o.split("=")[1]) for overrides in ran for o in overrides if o.startswith("++optuna_trial.number=")
     )
     assert numbers == list(range(6))  # every trial ran exactly once, in one of the workers
+
+
+def test_parallel_trials_with_the_submitit_launcher(tmp_path):
+    """The launcher behind Slurm sweeps, run with its local executor: each trial a separate job process."""
+    sweep_dir = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "hydra.sweeper.n_jobs=2",
+                      "hydra.sweeper.n_trials=2")
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 2
+    assert len(list((sweep_dir / ".submitit").iterdir())) == 2

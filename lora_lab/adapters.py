@@ -67,7 +67,9 @@ def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | s
     adaptable = _adaptable_module_names(model)
     suffixes = {name.rsplit(".", 1)[-1] for name in adaptable}
     missing = [
-        t for t in target_modules if t not in suffixes and not any(n.endswith("." + t) for n in adaptable)
+        t
+        for t in target_modules
+        if t not in suffixes and not any(n == t or n.endswith("." + t) for n in adaptable)
     ]
     if missing:
         raise ConfigError(
@@ -117,4 +119,44 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterConfig, kind: str) ->
         ) from None
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
+    return peft_model
+
+
+def load_adapter(model: PreTrainedModel, source: str, trainable: bool) -> PeftModel:
+    """An existing PEFT LoRA adapter (made by lora_lab or anyone) on this base model, checked first."""
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(source)
+    except Exception as e:  # a missing dir, a hub id offline, not a PEFT adapter
+        raise ConfigError(
+            "adapter.init_from", source, f"not a loadable PEFT adapter ({str(e).splitlines()[0]})"
+        ) from None
+    if config.peft_type != "LORA":
+        raise ConfigError(
+            "adapter.init_from", source, f"a {config.peft_type} adapter; lora_lab trains LoRA adapters"
+        )
+    targets = config.target_modules
+    if not isinstance(targets, str):  # a regex or all-linear needs no check by name
+        try:
+            resolve_target_modules(model, sorted(targets))
+        except ConfigError as e:
+            raise ConfigError(
+                "adapter.init_from", source, f"its target modules do not fit this base model: {e.valid}"
+            ) from None
+    try:
+        peft_model = PeftModel.from_pretrained(model, source, is_trainable=trainable)
+    except RuntimeError as e:  # size mismatch: made for another base model
+        raise ConfigError(
+            "adapter.init_from",
+            source,
+            f"made for another base model ({config.base_model_name_or_path}): {str(e).splitlines()[-1].strip()}",
+        ) from None
+    log.info(
+        "adapter from %s (r=%s, alpha=%s, base %s)",
+        source,
+        config.r,
+        config.lora_alpha,
+        config.base_model_name_or_path,
+    )
     return peft_model

@@ -68,6 +68,9 @@ class AdapterConfig:
     loftq_svd: str = "randomized"  # randomized (rank-r, fast) | exact
     use_rslora: bool = False
     use_dora: bool = False
+    # An existing PEFT LoRA adapter (dir or hub id) to continue training or, with
+    # train.max_steps=0, only to evaluate; r, alpha and targets then come from it.
+    init_from: str | None = None
 
 
 @dataclass
@@ -122,6 +125,12 @@ class TrainConfig:
     eval_steps: int = 100
     logging_steps: int = 10
     seed: int = 42
+    save_steps: int | None = (
+        None  # checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps
+    )
+    resume: Any = (
+        False  # true: continue from the latest complete checkpoint in the run dir; or a checkpoint path
+    )
     eval_on_start: bool = True  # the untrained model's metrics, as the baseline in metrics.json
     device: str = "auto"
     gradient_checkpointing: bool = False
@@ -259,10 +268,19 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError("task.max_length", t.max_length, "must be >= 8 tokens")
 
     _positive("train.lr", tr.lr)
-    if tr.max_steps == 0 or tr.max_steps < -1:
+    if tr.max_steps < -1 or (tr.max_steps == 0 and a.init_from is None):
         raise ConfigError(
-            "train.max_steps", tr.max_steps, "a positive step count, or -1 to train for train.epochs"
+            "train.max_steps",
+            tr.max_steps,
+            "a positive step count, -1 to train for train.epochs, "
+            "or 0 (evaluate only) with adapter.init_from",
         )
+    if tr.save_steps is not None and tr.save_steps < 1:
+        raise ConfigError(
+            "train.save_steps", tr.save_steps, "a positive step count, or null for no checkpoints"
+        )
+    if not isinstance(tr.resume, bool) and not (isinstance(tr.resume, str) and os.path.isdir(tr.resume)):
+        raise ConfigError("train.resume", tr.resume, "true, false, or the path of a checkpoint directory")
     if tr.max_steps == -1:
         _positive("train.epochs", tr.epochs)
     for key in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "logging_steps"):

@@ -26,7 +26,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from tqdm import tqdm
 
-from lora_lab.models import CheckpointReader, cache_dir
+from lora_lab.models import CheckpointReader, cache_dir, model_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def loftq_layer(weight: torch.Tensor, spec: QuantSpec, rank: int, iterations: in
     return LayerInit(packed, state, left, right)
 
 
-def install(lora_layer, init: LayerInit, adapter_name: str = "default") -> None:
-    """Put Q into the layer's 4-bit weight and s * B @ A == L @ R into its adapter."""
+def install(lora_layer, init: LayerInit, adapter_weights: bool, adapter_name: str = "default") -> None:
+    """Put Q into the layer's 4-bit weight and, with adapter_weights, s * B @ A == L @ R into its adapter."""
     base = lora_layer.base_layer
     old = base.weight
     base.weight = bnb.nn.Params4bit(
@@ -113,6 +113,8 @@ def install(lora_layer, init: LayerInit, adapter_name: str = "default") -> None:
         bnb_quantized=True,
     )
     base.quant_state = init.quant_state
+    if not adapter_weights:
+        return
     root_scaling = float(lora_layer.scaling[adapter_name]) ** 0.5
     lora_A, lora_B = lora_layer.lora_A[adapter_name].weight, lora_layer.lora_B[adapter_name].weight
     with torch.no_grad():
@@ -190,8 +192,11 @@ def loftq_initialise(
     rank: int,
     iterations: int,
     svd: str,
+    adapter_weights: bool = True,
 ) -> dict[str, LayerInit]:
-    """Initialise every adapted 4-bit layer with LoftQ, from the cache when the same init was computed before."""
+    """Initialise every adapted 4-bit layer with LoftQ, from the cache when the same init was computed before.
+
+    Without adapter_weights only the backbone's Q is installed: for reloading a trained LoftQ adapter."""
     layers = adapted_4bit_layers(peft_model)
     key = cache_key(model_identity, layers, quant_name, double_quant, rank, iterations, svd)
     path = cache_dir() / "loftq" / f"{key}.pt"
@@ -201,15 +206,44 @@ def loftq_initialise(
         inits = _load(path, device)
     else:
         inits = {}
-        for name, layer in tqdm(layers.items(), desc=f"LoftQ r={rank} x{iterations}", unit="layer"):
-            weight = checkpoint.weight(name).to(
-                device=device, dtype=layer.base_layer.weight.quant_state.dtype
-            )
-            inits[name] = loftq_layer(weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd)
+        # A fixed seed for the randomized SVD: recomputing gives the same Q (a reloaded run needs it).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            for name, layer in tqdm(layers.items(), desc=f"LoftQ r={rank} x{iterations}", unit="layer"):
+                dtype = layer.base_layer.weight.quant_state.dtype
+                weight = checkpoint.weight(name).to(device=device, dtype=dtype)
+                inits[name] = loftq_layer(
+                    weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd
+                )
         _save(path, inits)
     for name, layer in layers.items():
-        install(layer, inits[name])
+        install(layer, inits[name], adapter_weights)
     return inits
+
+
+def prepare_quantized_adapter(
+    peft_model, model_cfg, quant, adapter, report: bool, adapter_weights: bool = True
+) -> list[dict] | None:
+    """On a quantized base: the LoftQ initialisation when adapter.init=loftq, and the per-layer
+    quantization-error rows when `report` (None otherwise)."""
+    if quant.name == "none" or not (adapter.init == "loftq" or report):
+        return None
+    directory = model_dir(model_cfg)
+    checkpoint = CheckpointReader(directory, peft_model.get_base_model().base_model_prefix)
+    inits = None
+    if adapter.init == "loftq":
+        inits = loftq_initialise(
+            peft_model,
+            checkpoint,
+            str(directory),
+            quant.name,
+            quant.double_quant,
+            adapter.r,
+            adapter.loftq_iter,
+            adapter.loftq_svd,
+            adapter_weights,
+        )
+    return quant_error_report(peft_model, checkpoint, inits) if report else None
 
 
 def dequantized_weight(layer) -> torch.Tensor:

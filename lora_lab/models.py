@@ -183,7 +183,8 @@ def load_model(
     kwargs = {
         "dtype": compute_dtype,
         "quantization_config": quantization_config(quant, compute_dtype),
-        "device_map": {"": device},
+        # Under torchrun / accelerate each process loads its copy onto its own GPU.
+        "device_map": {"": f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == "cuda" else device},
         "trust_remote_code": model_cfg.trust_remote_code,
         "attn_implementation": model_cfg.attn_implementation,
     }

@@ -14,15 +14,16 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.adapters import attach_adapter
+from lora_lab.adapters import attach_adapter, load_adapter
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import build_task_data
-from lora_lab.loftq import loftq_initialise, quant_error_report, summarise
+from lora_lab.loftq import prepare_quantized_adapter, summarise
 from lora_lab.metrics import (
     add_perplexity,
     check_metric_names,
@@ -32,16 +33,18 @@ from lora_lab.metrics import (
     step_metrics_fn,
     summarise_diagnostics,
 )
-from lora_lab.models import CheckpointReader, load_model, model_dir, resolve_compute_dtype, resolve_device
+from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
 from lora_lab.pruning import PruningCallback, load_trial
 from lora_lab.tasks import load_rows
 from lora_lab.tracking import DiagnosticsCallback, tracking
 from lora_lab.trainer import (
+    CheckpointCompletion,
     DivergenceGuard,
     MeasureCallback,
     Measurements,
     TrainingDiverged,
     build_trainer,
+    latest_complete_checkpoint,
     peak_memory_gib,
     reset_peak_memory,
     training_arguments,
@@ -51,6 +54,11 @@ log = logging.getLogger("lora_lab")
 # Trainer bookkeeping that is not a metric of the model.
 # Measurements of the run that a (multi-objective) sweep may optimise besides eval metrics.
 RUN_MEASURES = ("params/trainable", "memory/peak_gib", "speed/tokens_per_second", "time/wall_seconds")
+OOM_ADVICE = (
+    "To use less memory: lower train.batch_size and raise train.grad_accum (same global batch), "
+    "train.gradient_checkpointing=true, quant=nf4, a smaller task.max_length or adapter.r, "
+    "or adapter.target_modules=attn"
+)
 _EVAL_BOOKKEEPING = {
     "eval_runtime",
     "eval_samples_per_second",
@@ -105,31 +113,26 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
 
         train_rows, eval_rows = load_rows(task)
         model, tokenizer = load_model(run.model, run.quant, task.labels, device)
-        model = attach_adapter(model, run.adapter, run.model.kind)
-        quant_errors = None
-        if run.quant.name != "none" and (run.adapter.init == "loftq" or run.quant.error_report):
-            checkpoint = CheckpointReader(model_dir(run.model), model.get_base_model().base_model_prefix)
-            loftq = None
-            if run.adapter.init == "loftq":
-                loftq = loftq_initialise(
-                    model,
-                    checkpoint,
-                    str(model_dir(run.model)),
-                    run.quant.name,
-                    run.quant.double_quant,
-                    run.adapter.r,
-                    run.adapter.loftq_iter,
-                    run.adapter.loftq_svd,
-                )
-            if run.quant.error_report:
-                quant_errors = quant_error_report(model, checkpoint, loftq)
-                log.info("quantization error: %s", summarise(quant_errors))
-                tracker.log_table("quant_error", quant_errors)
+        if run.adapter.init_from is not None:
+            model = load_adapter(model, run.adapter.init_from, trainable=run.train.max_steps != 0)
+        else:
+            model = attach_adapter(model, run.adapter, run.model.kind)
+        quant_errors = prepare_quantized_adapter(
+            model, run.model, run.quant, run.adapter, report=run.quant.error_report
+        )
+        if quant_errors:
+            log.info("quantization error: %s", summarise(quant_errors))
+            tracker.log_table("quant_error", quant_errors)
         data = build_task_data(train_rows, eval_rows, task.format, tokenizer, task.max_length)
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
         measurements = Measurements()
-        callbacks = [MeasureCallback(measurements), DivergenceGuard(), DiagnosticsCallback(tracker, model)]
+        callbacks = [
+            MeasureCallback(measurements),
+            DivergenceGuard(),
+            DiagnosticsCallback(tracker, model),
+            CheckpointCompletion(),
+        ]
         pruning = None
         if run.optuna_trial.study_name is not None and pruner_cfg and len(objectives) == 1:
             pruning = PruningCallback(
@@ -140,7 +143,8 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to
         )
         trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), callbacks)
-        trainer.train()
+        if run.train.max_steps != 0:  # 0: evaluate an existing adapter (adapter.init_from) only
+            trainer.train(resume_from_checkpoint=resume_checkpoint(run.train.resume, run_dir / "checkpoints"))
         if pruning is not None:
             pruning.raise_if_pruned()
 
@@ -180,9 +184,26 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         diagnostics = lora_diagnostics(model)
         tracker.log_table("lora_diagnostics", diagnostics)
         tracker.summarise({**metrics, **summarise_diagnostics(diagnostics)})
-        write_outputs(run_dir, model, metrics, quant_errors)
+        if trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 writes
+            write_outputs(run_dir, model, metrics, quant_errors)
         log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
         return metrics
+
+
+def resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
+    """The checkpoint to continue from: an explicit path, or the latest complete one in this run dir."""
+    if isinstance(resume, str):
+        return resume
+    if not resume:
+        return None
+    latest = latest_complete_checkpoint(checkpoints)
+    if latest is None:
+        log.info(
+            "train.resume=true: no complete checkpoint in %s yet, starting from the beginning", checkpoints
+        )
+        return None
+    log.info("resuming from %s", latest)
+    return str(latest)
 
 
 def write_outputs(run_dir: Path, model, metrics: dict, quant_errors: list[dict] | None) -> None:
@@ -220,6 +241,11 @@ def main(cfg: DictConfig) -> float | list[float]:
             pruner_cfg=hydra_cfg.sweeper.get("pruner"),
             run_name=run_name(hydra_cfg.overrides.task),
         )
+    except torch.cuda.OutOfMemoryError as e:
+        log.error("CUDA out of memory (%s). %s", str(e).splitlines()[0], OOM_ADVICE)
+        if hydra_cfg.mode == RunMode.RUN:
+            sys.exit(3)
+        raise
     except (ConfigError, TrainingDiverged) as e:
         log.error("%s", e)
         if hydra_cfg.mode == RunMode.RUN:

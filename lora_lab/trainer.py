@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,30 @@ class DivergenceGuard(TrainerCallback):
                 )
 
 
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+class CheckpointCompletion(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it. The Trainer writes
+    checkpoint-N in place, so a kill during a save leaves a partial directory: resuming only ever
+    picks a marked one."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tmp = folder / f".{COMPLETE_MARKER}.tmp"
+            with open(tmp, "w") as f:
+                f.write(str(state.global_step))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / COMPLETE_MARKER)
+
+
+def latest_complete_checkpoint(directory: Path) -> Path | None:
+    complete = [p for p in directory.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
 def training_arguments(
     train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype, report_to: list[str]
 ) -> TrainingArguments:
@@ -85,7 +110,9 @@ def training_arguments(
         eval_on_start=train.eval_on_start,
         logging_steps=train.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must reach DivergenceGuard, not be averaged away
-        save_strategy="no",
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=2,  # the newest checkpoint and the one before, in case the newest is incomplete
         seed=train.seed,
         data_seed=train.seed,
         use_cpu=device == "cpu",
@@ -95,6 +122,7 @@ def training_arguments(
         activation_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],
+        ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient; the search costs a pass
         remove_unused_columns=False,
         report_to=report_to or "none",
         disable_tqdm=True,

@@ -1,0 +1,57 @@
+"""A quick look at a trained adapter: complete prompts (causal LM) or classify texts (seq_cls).
+
+python -m lora_lab.generate outputs/2026-11-23/10-00-00 "sort 3 1 2 :"
+python -m lora_lab.generate <classification run> "the film was superb" "the food was awful"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from lora_lab.config import ConfigError
+from lora_lab.metrics import generate_responses
+from lora_lab.runs import load_run
+
+
+@torch.no_grad()
+def classify(model, tokenizer, texts: list[str], labels: list[str]) -> list[tuple[str, float]]:
+    batch = tokenizer(texts, padding=True, return_tensors="pt").to(next(model.parameters()).device)
+    probabilities = model(**batch).logits.float().softmax(dim=-1)
+    best = probabilities.argmax(dim=-1)
+    return [(labels[i], float(probabilities[row, i])) for row, i in enumerate(best.tolist())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_lab.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("texts", nargs="+", help="prompts to complete, or texts to classify")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args()
+    try:
+        model, tokenizer, run = load_run(args.run_dir, args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if run.model.kind == "seq_cls":
+        for text, (label, probability) in zip(
+            args.texts, classify(model, tokenizer, args.texts, run.task.labels), strict=True
+        ):
+            print(f"{label}\t{probability:.3f}\t{text}")
+    else:
+        for prompt, completion in zip(
+            args.texts, generate_responses(model, tokenizer, args.texts, args.max_new_tokens, 8), strict=True
+        ):
+            print(f"{prompt}{completion}")
+
+
+if __name__ == "__main__":
+    main()

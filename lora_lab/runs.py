@@ -1,0 +1,28 @@
+"""A finished run reloaded from its run dir (composed config + adapter), for export and generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from peft import PeftModel
+
+from lora_lab.config import ConfigError, RunConfig, validate
+from lora_lab.loftq import prepare_quantized_adapter
+from lora_lab.models import load_model, resolve_device
+
+
+def load_run(run_dir: Path, device: str = "auto") -> tuple[PeftModel, object, RunConfig]:
+    """The run's base model (quantized as it trained, with LoftQ's backbone where it ran) and its adapter."""
+    config_path, adapter_dir = run_dir / ".hydra" / "config.yaml", run_dir / "adapter"
+    if not config_path.exists() or not adapter_dir.is_dir():
+        raise ConfigError(
+            "run_dir", str(run_dir), "a finished run's directory, holding .hydra/config.yaml and adapter/"
+        )
+    run = validate(OmegaConf.load(config_path))
+    base, tokenizer = load_model(run.model, run.quant, run.task.labels, resolve_device(device))
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    # LoftQ trained against its own Q, not plain quantize(W): put that backbone back (from the cache).
+    prepare_quantized_adapter(model, run.model, run.quant, run.adapter, report=False, adapter_weights=False)
+    model.eval()
+    return model, tokenizer, run

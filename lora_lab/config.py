@@ -134,6 +134,7 @@ class TrainConfig:
     eval_on_start: bool = True  # the untrained model's metrics, as the baseline in metrics.json
     device: str = "auto"
     gradient_checkpointing: bool = False
+    packing: bool = True  # padding-free batches for causal-LM tasks (classification is always padded)
 
 
 @dataclass

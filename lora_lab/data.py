@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
 
 IGNORE_INDEX = -100
 
@@ -72,10 +77,20 @@ def build_task_data(
     task_format: str,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
+    packing: bool,
+    flash_attention: bool = False,
 ) -> TaskData:
+    """Tokenised train/eval sets and the collator.
+
+    With packing (causal tasks), a batch is one row of concatenated examples with position ids that
+    restart at each example: no padding is computed, and the attention kernel keeps examples apart
+    (transformers derives the block-diagonal mask from the position ids for sdpa and eager; flash
+    attention takes the sequence boundaries directly)."""
     tokenize = TOKENIZERS[task_format]
     if task_format == "cls":
         collator = DataCollatorWithPadding(tokenizer)
+    elif packing:
+        collator = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     sft = task_format == "sft"

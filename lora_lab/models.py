@@ -211,6 +211,9 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # Training needs no KV cache, and an (empty) cache would also stop transformers from reading
+    # packed-sequence boundaries out of the position ids. Generation asks for it explicitly.
+    model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
     keep_4bit_layout_trainable(model)

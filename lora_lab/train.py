@@ -123,7 +123,15 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         if quant_errors:
             log.info("quantization error: %s", summarise(quant_errors))
             tracker.log_table("quant_error", quant_errors)
-        data = build_task_data(train_rows, eval_rows, task.format, tokenizer, task.max_length)
+        data = build_task_data(
+            train_rows,
+            eval_rows,
+            task.format,
+            tokenizer,
+            task.max_length,
+            run.train.packing,
+            flash_attention=run.model.attn_implementation.startswith("flash_attention"),
+        )
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
         measurements = Measurements()

@@ -28,6 +28,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 # Small, fast settings for the tiny model on 2 CPU cores.
 FAST = ["train.max_steps=40", "train.eval_steps=20", "train.logging_steps=20", "task.max_eval_samples=64"]
+SMALL_EVAL = ["train.eval_on_start=false", "task.max_eval_samples=32", "task.metrics=[token_accuracy]"]
 
 
 def compose(overrides: list[str]):

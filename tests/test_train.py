@@ -42,7 +42,9 @@ def test_saved_adapter_reloads_and_reproduces_eval(tmp_path):
     run = validate(compose(overrides))
     base, tokenizer = load_model(run.model, run.quant, run.task.labels, "cpu")
     model = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    data = build_task_data(*load_rows(run.task), run.task.format, tokenizer, run.task.max_length)
+    data = build_task_data(
+        *load_rows(run.task), run.task.format, tokenizer, run.task.max_length, run.train.packing
+    )
     args = TrainingArguments(
         output_dir=str(tmp_path / "reload"),
         per_device_eval_batch_size=64,

@@ -1,6 +1,15 @@
 """Benchmarks (not tests): measured figures for docs/benchmarks.md.
 
+    python -m lora_lab.bench train --shape llama-8b --quant nf4 --batch 4 --seq 2048
+    python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --workload varlen
     python -m lora_lab.bench loftq --shape llama-8b --rank 16 --iters 1 5
+
+`train` runs, in one process on the same random-init model (real shapes, saved and loaded through
+the real loading code, nothing downloaded), the plain HF + PEFT + bitsandbytes recipe
+(`prepare_model_for_kbit_training`, LoRA r=16 on all linear layers, gradient checkpointing, sdpa,
+fused AdamW) and lora_lab's training step, and reports tokens/s, peak memory, MFU and the ratio.
+`--workload varlen` draws example lengths from a long-tailed distribution and compares padded
+batches with lora_lab's padding-free packing.
 
 `loftq` times LoftQ initialisation of every adapted matrix of a model shape (random weights made
 on the device, nothing downloaded) with lora_lab's randomized and exact SVD, and PEFT's
@@ -142,6 +151,231 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+LLAMA_CONFIGS = {
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "cpu-small": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
+}
+
+
+def save_random_llama(shape: str, directory: str, device: str) -> str:
+    """A random-init Llama of the given shape, saved in bf16 like a real checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_lab.models import byte_level_tokenizer
+
+    config = LlamaConfig(**LLAMA_CONFIGS[shape], max_position_embeddings=8192)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)  # the loader wants one; token ids are random anyway
+    del model
+    return directory
+
+
+def flops_per_token(config, seq: int, checkpointing: bool) -> float:
+    """Matmul FLOPs per trained token with a frozen base: forward, the backward's input gradients
+    (about one more forward; the frozen weights need none), and a recomputed forward with
+    checkpointing. Causal attention adds 2 * layers * seq * hidden per forward."""
+    d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    params = layers * (2 * d * d + 2 * d * kv + 3 * d * inter) + d * config.vocab_size
+    forward = 2 * params + 2 * layers * seq * d
+    return forward * (3 if checkpointing else 2)
+
+
+def varlen_lengths(count: int, max_len: int, generator: torch.Generator) -> list[int]:
+    """Long-tailed example lengths (log-normal, median ~300 tokens) as in instruction data."""
+    lengths = torch.empty(count).log_normal_(mean=5.7, std=0.8, generator=generator)
+    return [int(min(max(n, 16), max_len)) for n in lengths.tolist()]
+
+
+def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, packed: bool, device: str):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        if workload == "fixed":
+            ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+            yield {"input_ids": ids.to(device), "labels": ids.to(device)}, batch * seq
+            continue
+        lengths = varlen_lengths(batch, seq, generator)
+        examples = [torch.randint(0, vocab, (n,), generator=generator) for n in lengths]
+        if packed:
+            ids = torch.cat(examples)[None]
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            labels = ids.clone()
+            starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()])
+            labels[0, starts] = -100  # no token predicts across an example boundary
+            yield (
+                {
+                    "input_ids": ids.to(device),
+                    "position_ids": positions.to(device),
+                    "labels": labels.to(device),
+                },
+                sum(lengths),
+            )
+        else:
+            longest = max(lengths)
+            ids = torch.zeros(batch, longest, dtype=torch.long)
+            mask = torch.zeros(batch, longest, dtype=torch.long)
+            for row, example in enumerate(examples):
+                ids[row, : len(example)], mask[row, : len(example)] = example, 1
+            labels = ids.masked_fill(mask == 0, -100)
+            yield (
+                {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)},
+                sum(lengths),
+            )
+
+
+def peer_model(path: str, quant: str, device: str):
+    """The plain recipe, as the HF / PEFT docs give it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": device}}
+    if quant != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    if quant != "none":
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+
+
+def lora_lab_model(path: str, quant: str, device: str, checkpointing: bool, attn: str):
+    """lora_lab's own path: frozen base kept in the compute dtype, no fp32 upcasts."""
+    from lora_lab.adapters import attach_adapter
+    from lora_lab.config import AdapterConfig, ModelConfig, QuantConfig
+    from lora_lab.models import load_model
+
+    model, _ = load_model(
+        ModelConfig(name="bench", name_or_path=path, attn_implementation=attn),
+        QuantConfig(name=quant),
+        [],
+        device,
+    )
+    model = attach_adapter(
+        model, AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), "causal_lm"
+    )
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def time_training(model, batches, device: str, warmup: int) -> tuple[float, float]:
+    """(tokens per second over the timed steps, peak GiB) of fwd + bwd + fused AdamW steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens, start = 0, 0.0
+    for step, (batch, real_tokens) in enumerate(batches):
+        if step == warmup:
+            _sync(device)
+            start, tokens = time.perf_counter(), 0
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += real_tokens
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return tokens / (time.perf_counter() - start), peak
+
+
+def bench_train(
+    shape: str,
+    quant: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    workload: str,
+    checkpointing: bool,
+    attn: str,
+    peak_tflops: float,
+) -> list[dict]:
+    import gc
+    import tempfile
+
+    from transformers import AutoConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        path = save_random_llama(shape, directory, device)
+        config = AutoConfig.from_pretrained(path)
+        recipes = (
+            [("peer", False), ("lora_lab", False)]
+            if workload == "fixed"
+            else [("lora_lab padded", False), ("lora_lab packed", True)]
+        )
+        for name, packed in recipes:
+            model = (
+                peer_model(path, quant, device)
+                if name == "peer"
+                else lora_lab_model(path, quant, device, checkpointing, attn)
+            )
+            batches = _batches(workload, batch, seq, steps, config.vocab_size, packed, device)
+            tokens_per_second, peak = time_training(model, batches, device, warmup=min(2, steps - 1))
+            uses_checkpointing = name == "peer" or checkpointing
+            mfu = (
+                tokens_per_second * flops_per_token(config, seq, uses_checkpointing) / (peak_tflops * 1e12)
+                if device == "cuda"
+                else None
+            )
+            rows.append(
+                {
+                    "recipe": name,
+                    "tokens_per_second": tokens_per_second,
+                    "peak_gib": peak,
+                    "mfu": mfu,
+                    "checkpointing": uses_checkpointing,
+                }
+            )
+            del model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for row in rows:
+        row["ratio"] = row["tokens_per_second"] / rows[0]["tokens_per_second"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lora_lab.bench",
@@ -157,7 +391,55 @@ def main() -> None:
         "--layers", type=int, default=None, help="time this many layers and scale to the model's depth"
     )
     loftq.add_argument("--out", default=None, help="also write the results as JSON here")
+    train = sub.add_parser("train", help="training throughput and memory: the plain recipe vs lora_lab")
+    train.add_argument("--shape", choices=sorted(LLAMA_CONFIGS), default="llama-8b")
+    train.add_argument("--quant", choices=["none", "nf4", "fp4"], default="nf4")
+    train.add_argument("--batch", type=int, default=4)
+    train.add_argument("--seq", type=int, default=2048)
+    train.add_argument("--steps", type=int, default=8)
+    train.add_argument("--workload", choices=["fixed", "varlen"], default="fixed")
+    train.add_argument(
+        "--checkpointing", action="store_true", help="gradient checkpointing on lora_lab's side too"
+    )
+    train.add_argument(
+        "--attn",
+        default="sdpa",
+        help="lora_lab's attention: sdpa, flex_attention (packed block masks), flash_attention_2",
+    )
+    train.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak, for MFU")
+    train.add_argument("--out", default=None)
     args = parser.parse_args()
+
+    if args.bench == "train":
+        rows = bench_train(
+            args.shape,
+            args.quant,
+            args.batch,
+            args.seq,
+            args.steps,
+            args.workload,
+            args.checkpointing,
+            args.attn,
+            args.peak_tflops,
+        )
+        print(
+            f"# training, {args.shape} {args.quant}, batch {args.batch} x seq {args.seq} ({args.workload}), on {machine()}, {date.today()}"
+        )
+        print("| recipe | tokens/s | peak GiB | MFU | ratio |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in rows:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(
+                f"| {r['recipe']} | {r['tokens_per_second']:,.0f} | {r['peak_gib']:.1f} | {mfu} | {r['ratio']:.2f}x |"
+            )
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(
+                    {"machine": machine(), "date": str(date.today()), "args": vars(args), "results": rows},
+                    f,
+                    indent=2,
+                )
+        return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [bench_loftq(args.shape, args.rank, n, device, args.layers) for n in args.iters]

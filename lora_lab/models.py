@@ -57,7 +57,7 @@ def resolve_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
     return getattr(torch, compute_dtype)
 
 
-def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: any text encodes, nothing is downloaded."""
     specials = list(SPECIAL_TOKENS.values())
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -80,7 +80,7 @@ def build_tiny_model(tiny: TinyModelConfig) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("building the tiny model into %s", target)
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     config = LlamaConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64,
         hidden_size=tiny.hidden_size,

@@ -10,7 +10,7 @@ from conftest import compose, train_run
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, tokenize_lm, tokenize_sft
 from lora_lab.metrics import exact_match
-from lora_lab.models import _byte_level_tokenizer
+from lora_lab.models import byte_level_tokenizer
 from lora_lab.tasks import format_row, load_rows
 
 
@@ -65,7 +65,7 @@ def test_glue_rows_format(name, row, expected):
 
 
 def test_wikitext_rows_pack_into_blocks():
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     rows = [
         {"text": " = Valkyria = \n"},
         {"text": ""},
@@ -78,7 +78,7 @@ def test_wikitext_rows_pack_into_blocks():
 
 
 def test_sft_loss_is_on_the_response_only():
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     example = tokenize_sft([{"prompt": "sort 2 1 :", "response": " 1 2"}], tokenizer, 64)[0]
     prompt_len = len(tokenizer("sort 2 1 :")["input_ids"])
     assert example["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len

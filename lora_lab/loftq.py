@@ -25,6 +25,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from tqdm import tqdm
+from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
 from lora_lab.models import CheckpointReader, cache_dir, model_dir
 
@@ -247,11 +248,8 @@ def prepare_quantized_adapter(
 
 
 def dequantized_weight(layer) -> torch.Tensor:
-    """The full-precision weight a bitsandbytes layer computes with (4-bit or int8)."""
-    weight = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit):
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.data.float() * weight.SCB.float()[:, None] / 127.0  # LLM.int8(): row-wise absmax scales
+    """The full-precision weight a layer computes with: bitsandbytes 4-bit or int8 dequantized, others as they are."""
+    return dequantize_bnb_weight(layer.weight, getattr(layer, "state", None)).float()
 
 
 @torch.no_grad()

@@ -130,11 +130,7 @@ def lora_diagnostics(peft_model) -> list[dict]:
         if not hasattr(module, "lora_A") or "default" not in module.lora_A:
             continue
         base = module.base_layer
-        weight = (
-            base.weight.float()
-            if isinstance(base.weight, torch.nn.Parameter) and base.weight.dtype.is_floating_point
-            else dequantized_weight(base)
-        )
+        weight = dequantized_weight(base)
         lora_a = module.lora_A["default"].weight.float()
         lora_b = module.lora_B["default"].weight.float()
         # The r x r core of B A has the same singular values, at a fraction of the cost.

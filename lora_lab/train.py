@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -18,7 +19,7 @@ import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lora_lab.adapters import attach_adapter, load_adapter
 from lora_lab.config import ConfigError, validate
@@ -93,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
     in_sweep = run.optuna_trial.study_name is not None
     with tracking(
         run.logger,
-        OmegaConf.to_container(cfg, resolve=True),
+        asdict(run),  # the validated config: defaults filled in, alpha as trained
         run_dir,
         group=run.optuna_trial.study_name if in_sweep else run.task_name,
         job_type="trial" if in_sweep else "train",

@@ -26,13 +26,13 @@ FAST = [
 ]
 
 
-def sweep(tmp_path, *overrides, name="s", timeout=600):
+def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600):
     sweep_dir = tmp_path / name
     args = [
         "-m",
         "lora_lab.train",
         "-m",
-        "hparams_search=lora",
+        search,
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
         "hydra.sweeper.study_name=study",

@@ -30,45 +30,44 @@ import torch
 
 from lora_lab.loftq import QuantSpec, loftq_layer
 
-# Adapted matrices (all-linear) of one decoder layer, (out, in), and the number of layers.
-SHAPES = {
-    "llama-8b": (
-        {
-            "q": (4096, 4096),
-            "k": (1024, 4096),
-            "v": (1024, 4096),
-            "o": (4096, 4096),
-            "gate": (14336, 4096),
-            "up": (14336, 4096),
-            "down": (4096, 14336),
-        },
-        32,
+# Real model shapes (random weights are made on the device; nothing is downloaded).
+LLAMA_CONFIGS = {
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
     ),
-    "llama-1b": (
-        {
-            "q": (2048, 2048),
-            "k": (512, 2048),
-            "v": (512, 2048),
-            "o": (2048, 2048),
-            "gate": (8192, 2048),
-            "up": (8192, 2048),
-            "down": (2048, 8192),
-        },
-        16,
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
     ),
-    "cpu-small": (
-        {
-            "q": (512, 512),
-            "k": (128, 512),
-            "v": (128, 512),
-            "o": (512, 512),
-            "gate": (1536, 512),
-            "up": (1536, 512),
-            "down": (512, 1536),
-        },
-        2,
+    "cpu-small": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
     ),
 }
+
+
+def layer_matrices(shape: str) -> tuple[list[tuple[int, int]], int]:
+    """The (out, in) shapes of one decoder layer's adapted (all-linear) matrices, and the depth."""
+    c = LLAMA_CONFIGS[shape]
+    d, inter = c["hidden_size"], c["intermediate_size"]
+    kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+    return [(d, d), (kv, d), (kv, d), (d, d), (inter, d), (inter, d), (d, inter)], c["num_hidden_layers"]
 
 
 def _sync(device: str) -> None:
@@ -92,7 +91,7 @@ def relative_error(weight: torch.Tensor, dequantized: torch.Tensor, delta: torch
 def bench_loftq(shape: str, rank: int, iterations: int, device: str, layers: int | None) -> dict:
     import bitsandbytes.functional as bnbf
 
-    matrices, depth = SHAPES[shape]
+    matrices, depth = layer_matrices(shape)
     measured_layers = depth if layers is None else min(layers, depth)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     spec = QuantSpec()
@@ -103,7 +102,7 @@ def bench_loftq(shape: str, rank: int, iterations: int, device: str, layers: int
     warmup = torch.randn(256, 256, device=device).to(dtype)
     loftq_layer(warmup, spec, rank, 1, "randomized")  # kernels and allocator, outside the timings
     for layer in range(measured_layers):
-        for out_features, in_features in matrices.values():
+        for out_features, in_features in matrices:
             weight = (torch.randn(out_features, in_features, generator=generator, device=device) * 0.02).to(
                 dtype
             )
@@ -149,37 +148,6 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-LLAMA_CONFIGS = {
-    "llama-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-    ),
-    "llama-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    ),
-    "cpu-small": dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-    ),
-}
 
 
 def save_random_llama(shape: str, directory: str, device: str) -> str:
@@ -384,7 +352,7 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="bench", required=True)
     loftq = sub.add_parser("loftq", help="LoftQ initialisation time and error vs PEFT's loftq_init")
-    loftq.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    loftq.add_argument("--shape", choices=sorted(LLAMA_CONFIGS), default="llama-8b")
     loftq.add_argument("--rank", type=int, default=16)
     loftq.add_argument("--iters", type=int, nargs="+", default=[1, 5])
     loftq.add_argument(

@@ -28,6 +28,14 @@ def model_cache(tmp_path_factory) -> Path:
 
 # Small, fast settings for the tiny model on 2 CPU cores.
 FAST = ["train.max_steps=40", "train.eval_steps=20", "train.logging_steps=20", "task.max_eval_samples=64"]
+# A trial of a test sweep: a few steps, a small eval set.
+SWEEP_FAST = [
+    "train.max_steps=10",
+    "train.eval_steps=5",
+    "train.logging_steps=5",
+    "task.max_eval_samples=16",
+    "task.metrics=[token_accuracy]",
+]
 SMALL_EVAL = ["train.eval_on_start=false", "task.max_eval_samples=32", "task.metrics=[token_accuracy]"]
 
 

@@ -10,21 +10,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import cli
+from conftest import SWEEP_FAST, cli
 from optuna.trial import TrialState
 from PIL import Image
 
-FAST = [
-    "train.max_steps=10",
-    "train.eval_steps=5",
-    "train.logging_steps=5",
-    "task.max_eval_samples=16",
-    "task.metrics=[token_accuracy]",
-]
-
 
 def run(args: list[str], cwd: Path) -> None:
-    result = cli(["-m", "lora_lab.train", *args, *FAST], cwd=cwd)
+    result = cli(["-m", "lora_lab.train", *args, *SWEEP_FAST], cwd=cwd)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 

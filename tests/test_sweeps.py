@@ -12,18 +12,10 @@ import time
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, cli
+from conftest import ROOT, SWEEP_FAST, cli
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
-
-FAST = [
-    "train.max_steps=10",
-    "train.eval_steps=5",
-    "train.logging_steps=5",
-    "task.max_eval_samples=16",
-    "task.metrics=[token_accuracy]",
-]
 
 
 def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600):
@@ -36,7 +28,7 @@ def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
         "hydra.sweeper.study_name=study",
-        *FAST,
+        *SWEEP_FAST,
         *overrides,
     ]
     result = cli(args, cwd=tmp_path, timeout=timeout)
@@ -173,7 +165,7 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
         "hydra.sweeper.study_name=shared",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.fail_stale_running=false",
-        *FAST,
+        *SWEEP_FAST,
     ]
     workers = [
         subprocess.Popen(

@@ -135,6 +135,10 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False
     packing: bool = True  # padding-free batches for causal-LM tasks (classification is always padded)
+    # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): auto = on
+    # CUDA when liger-kernel is installed (`pip install lora_lab[gpu]`).
+    liger: str = "auto"
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -293,6 +297,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _positive("train.weight_decay", tr.weight_decay, allow_zero=True)
     _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
     _choice("train.device", tr.device, DEVICES)
+    _choice("train.liger", tr.liger, ("auto", "true", "false"))
     _choice("logger.name", run.logger.name, ("none", "wandb"))
     _choice("logger.mode", run.logger.mode, ("auto", "online", "offline"))
 

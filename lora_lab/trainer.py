@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import resource
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from lora_lab.config import TrainConfig
+from lora_lab.config import ConfigError, TrainConfig
 from lora_lab.data import TaskData
 from lora_lab.metrics import argmax_logits
 
@@ -91,6 +92,17 @@ def latest_complete_checkpoint(directory: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def use_liger(setting: str, device: str) -> bool:
+    """Liger's kernels are Triton kernels: CUDA only."""
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return device == "cuda" and installed
+    if setting == "true" and (device != "cuda" or not installed):
+        need = "a CUDA device" if device != "cuda" else "liger-kernel (pip install 'lora_lab[gpu]')"
+        raise ConfigError("train.liger", setting, f"liger kernels need {need}; use auto or false")
+    return setting == "true"
+
+
 def training_arguments(
     train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype, report_to: list[str]
 ) -> TrainingArguments:
@@ -127,6 +139,8 @@ def training_arguments(
         report_to=report_to or "none",
         disable_tqdm=True,
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        use_liger_kernel=use_liger(train.liger, device),
+        torch_compile=train.compile,
     )
 
 

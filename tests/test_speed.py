@@ -42,3 +42,26 @@ def test_training_with_and_without_packing_matches(tmp_path):
     padded = train_run([*common, "train.packing=false"], tmp_path / "padded")
     assert packed["train/tokens"] == padded["train/tokens"]  # padding is not counted in either
     assert packed["eval/loss"] == pytest.approx(padded["eval/loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    common = [
+        *SMALL_EVAL,
+        "train.max_steps=6",
+        "train.eval_steps=6",
+        "adapter.dropout=0",
+        "train.packing=false",
+    ]
+    eager = train_run(common, tmp_path / "eager")
+    compiled = train_run([*common, "train.compile=true"], tmp_path / "compiled")
+    assert compiled["eval/loss"] == pytest.approx(eager["eval/loss"], rel=1e-3)
+
+
+def test_liger_is_refused_clearly_where_it_cannot_run():
+    from lora_lab.config import ConfigError
+    from lora_lab.trainer import use_liger
+
+    assert use_liger("auto", "cpu") is False  # auto never turns it on without CUDA
+    with pytest.raises(ConfigError, match="train.liger='true'.*CUDA"):
+        use_liger("true", "cpu")

@@ -84,7 +84,7 @@ def _wandb_mode(requested: str) -> str:
 def start_tracking(
     cfg: LoggerConfig, config: dict, run_dir: Path, group: str, job_type: str, name: str, tags: list[str]
 ) -> Tracker:
-    if cfg.name == "none":
+    if cfg.name == "none" or int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 logs
         return Tracker()
     import wandb
 

@@ -96,6 +96,7 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp
             "lora_lab.train",
             *common,
             "train.batch_size=8",
+            "logger=wandb",
             f"hydra.run.dir={tmp_path}/ddp",
         ],
         cwd=tmp_path,
@@ -107,6 +108,8 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp
     assert result.returncode == 0, result.stderr[-4000:]
     ddp = read_metrics(tmp_path / "ddp")
     assert ddp["train/steps"] == 30
+    assert ddp["train/tokens"] == single["train/tokens"]  # both ranks' batches, counted once
+    assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logs
     assert ddp["eval/loss"] == pytest.approx(single["eval/loss"], rel=0.03)
     assert len(list((tmp_path / "ddp").glob("adapter"))) == 1 and not list(
         (tmp_path / "ddp").glob(".adapter.tmp*")

@@ -36,5 +36,18 @@ lint: install  ## ruff check and format check
 	$(BIN)/ruff check lora_lab hydra_plugins tests
 	$(BIN)/ruff format --check lora_lab hydra_plugins tests
 
+bench: install  ## benchmarks: the GPU shapes of docs/benchmarks.md on a CUDA machine, a CPU smoke run elsewhere
+	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python -m lora_lab.bench train --shape llama-8b --quant nf4 --batch 4 --seq 2048 && \
+		$(BIN)/python -m lora_lab.bench train --shape llama-8b --quant none --batch 4 --seq 2048 && \
+		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant nf4 --batch 8 --seq 2048 && \
+		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --seq 2048 && \
+		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --seq 2048 --workload varlen && \
+		$(BIN)/python -m lora_lab.bench loftq --shape llama-8b --rank 16 --iters 1 5; \
+	else \
+		$(BIN)/python -m lora_lab.bench train --shape cpu-small --quant nf4 --batch 4 --seq 256 --steps 6 && \
+		$(BIN)/python -m lora_lab.bench loftq --shape cpu-small --rank 16 --iters 1 5; \
+	fi
+
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Bump when the algorithm or the cache layout changes.
 LOFTQ_VERSION = 1
 # Extra dimensions of the randomized SVD's subspace, beyond the rank (Halko et al.'s oversampling).
-SVD_OVERSAMPLING = 16
+SVD_OVERSAMPLING = 32
 SVD_POWER_ITERATIONS = 4
 
 

@@ -40,6 +40,10 @@ def eval_batch(run, tokenizer, size: int = 8) -> dict[str, torch.Tensor]:
     )
 
 
+class MergeMismatch(RuntimeError):
+    """The merged model does not reproduce the adapter model within the tolerance."""
+
+
 def merge(model, dtype: torch.dtype):
     """The adapter folded into its base: W' = dequantize(Q) + s B A for quantized layers (PEFT's own
     4-bit merge would quantize W' again), PEFT's merge for full-precision ones."""
@@ -78,8 +82,8 @@ def export(run_dir: Path, out: Path, device: str, tolerance: float) -> float:
     difference = float((merged(**batch).logits.float() - reference).abs().max())
     scale = float(reference.abs().max())
     if difference > tolerance * max(scale, 1.0):
-        raise RuntimeError(
-            f"merged model differs from the adapter model by {difference:.3g} (logit scale {scale:.3g})"
+        raise MergeMismatch(
+            f"merged model differs from the adapter model by {difference:.3g} (logit scale {scale:.3g}); nothing saved"
         )
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
@@ -106,6 +110,9 @@ def main() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except MergeMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(
         f"merged model saved to {out}; max |logits(adapter) - logits(merged)| on an eval batch: {difference:.3g}"
     )

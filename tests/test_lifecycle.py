@@ -203,3 +203,28 @@ def test_init_from_a_plain_peft_adapter_and_refuses_a_mismatched_one(tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(wrong))
     with pytest.raises(ConfigError, match="adapter.init_from.*c_attn"):
         train_run([*SMALL, f"adapter.init_from={tmp_path}/peft", "train.max_steps=0"], tmp_path / "bad")
+
+
+def test_a_run_with_relative_data_paths_reloads_from_another_directory(tmp_path):
+    run = tmp_path / "run"
+    data = ["task.train_path=examples/arithmetic/train.jsonl", "task.eval_path=examples/arithmetic/dev.jsonl"]
+    trained = cli(
+        [
+            "-m",
+            "lora_lab.train",
+            "task=jsonl",
+            *data,
+            "task.prompt_field=question",
+            "task.response_field=answer",
+            "train.max_steps=5",
+            "train.eval_steps=5",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=ROOT,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = cli(
+        ["-m", "lora_lab.generate", str(run), "What is 3 plus 4?", "--max-new-tokens", "3"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("What is 3 plus 4?")

@@ -133,7 +133,9 @@ class TrainConfig:
     )
     eval_on_start: bool = True  # the untrained model's metrics, as the baseline in metrics.json
     device: str = "auto"
-    gradient_checkpointing: bool = False
+    # auto: on CUDA, measured: on when one step of the longest batch without it would run out of
+    # memory or come near the limit; off on CPU. Or true / false.
+    gradient_checkpointing: Any = "auto"
     packing: bool = True  # padding-free batches for causal-LM tasks (classification is always padded)
     # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): auto = on
     # CUDA when liger-kernel is installed (`pip install lora_lab[gpu]`).
@@ -298,6 +300,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
     _choice("train.device", tr.device, DEVICES)
     _choice("train.liger", tr.liger, ("auto", "true", "false"))
+    if tr.gradient_checkpointing not in (True, False, "auto"):
+        raise ConfigError("train.gradient_checkpointing", tr.gradient_checkpointing, "auto, true or false")
     _choice("logger.name", run.logger.name, ("none", "wandb"))
     _choice("logger.mode", run.logger.mode, ("auto", "online", "offline"))
 

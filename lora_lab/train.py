@@ -45,6 +45,7 @@ from lora_lab.trainer import (
     Measurements,
     TrainingDiverged,
     build_trainer,
+    checkpointing_needed,
     latest_complete_checkpoint,
     peak_memory_gib,
     reset_peak_memory,
@@ -148,8 +149,12 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
                 load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
             )
             callbacks.append(pruning)
+        checkpointing = run.train.gradient_checkpointing
+        if checkpointing == "auto":
+            checkpointing = checkpointing_needed(model, data, run.train.batch_size, device, compute_dtype)
+            log.info("gradient checkpointing (auto, measured): %s", "on" if checkpointing else "off")
         args = training_arguments(
-            run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to
+            run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to, checkpointing
         )
         trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), callbacks)
         if run.train.max_steps != 0:  # 0: evaluate an existing adapter (adapter.init_from) only

@@ -103,8 +103,37 @@ def use_liger(setting: str, device: str) -> bool:
     return setting == "true"
 
 
+def checkpointing_needed(
+    model, data: TaskData, batch_size: int, device: str, compute_dtype: torch.dtype
+) -> bool:
+    """Measure instead of guessing: on CUDA, run one forward/backward of the longest examples without
+    activation checkpointing; it is needed if that runs out of memory or peaks above 85% of the
+    device (the optimizer and allocator need the rest). On CPU memory is not the constraint: off."""
+    if device != "cuda":
+        return False
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:batch_size]
+    batch = {k: v.to(model.device) for k, v in data.collator([data.train[i] for i in longest]).items()}
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with torch.autocast("cuda", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            model(**batch).loss.backward()
+        peak = torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        peak = math.inf
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return peak > 0.85 * torch.cuda.get_device_properties(model.device).total_memory
+
+
 def training_arguments(
-    train: TrainConfig, output_dir: Path, device: str, compute_dtype: torch.dtype, report_to: list[str]
+    train: TrainConfig,
+    output_dir: Path,
+    device: str,
+    compute_dtype: torch.dtype,
+    report_to: list[str],
+    checkpointing: bool,
 ) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -130,7 +159,7 @@ def training_arguments(
         use_cpu=device == "cpu",
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
-        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],

@@ -65,3 +65,19 @@ def test_liger_is_refused_clearly_where_it_cannot_run():
     assert use_liger("auto", "cpu") is False  # auto never turns it on without CUDA
     with pytest.raises(ConfigError, match="train.liger='true'.*CUDA"):
         use_liger("true", "cpu")
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    common = [*SMALL_EVAL, "train.max_steps=8", "train.eval_steps=8", "adapter.dropout=0"]
+    plain = train_run([*common, "train.gradient_checkpointing=false"], tmp_path / "plain")
+    checkpointed = train_run([*common, "train.gradient_checkpointing=true"], tmp_path / "checkpointed")
+    assert checkpointed["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-4)
+
+
+def test_automatic_checkpointing_is_off_on_cpu():
+    from lora_lab.trainer import checkpointing_needed
+
+    assert (
+        checkpointing_needed(model=None, data=None, batch_size=4, device="cpu", compute_dtype=torch.float32)
+        is False
+    )

@@ -17,6 +17,7 @@ import torch
 
 from lora_lab.config import ConfigError
 from lora_lab.data import IGNORE_INDEX
+from lora_lab.loftq import dequantized_weight
 
 MODULES_DIR = Path(__file__).parent / "metric_modules"
 STEP_METRICS = {"seq_cls": ("accuracy", "f1"), "causal_lm": ("token_accuracy",)}
@@ -123,8 +124,6 @@ def _extract(pattern: str, text: str) -> str:
 def lora_diagnostics(peft_model) -> list[dict]:
     """Per LoRA layer: ||s B A|| / ||W|| (how far the adapter moved the weight) and the singular
     values of B A, with the effective rank exp(entropy of the normalised spectrum) (Roy & Vetterli)."""
-    from lora_lab.loftq import dequantized_weight
-
     rows = []
     for name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A") or "default" not in module.lora_A:

@@ -200,12 +200,9 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         model = auto_cls.from_pretrained(path, **kwargs)
-    except OSError as e:
-        where = "not a local model directory" if not Path(path).exists() else "not a loadable model directory"
+    except OSError as e:  # model_dir already resolved a local directory: its files are the problem
         raise ConfigError(
-            "model.name_or_path",
-            path,
-            f"{where}, and the Hub could not provide it ({str(e).splitlines()[0]})",
+            "model.name_or_path", path, f"not a loadable model directory ({str(e).splitlines()[0]})"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

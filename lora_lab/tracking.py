@@ -26,6 +26,7 @@ class Tracker:
     """No tracking (logger=none): every call is a no-op, so the training code has one path."""
 
     report_to: list[str] = []
+    active = False  # whether anything is recorded: lets callers skip work done only for the tracker
 
     def log(self, values: dict, step: int) -> None:
         pass
@@ -42,6 +43,7 @@ class Tracker:
 
 class WandbTracker(Tracker):
     report_to = ["wandb"]
+    active = True
 
     def __init__(self, run, offline: bool):
         self.run, self.offline = run, offline

@@ -53,7 +53,6 @@ from lora_lab.trainer import (
 )
 
 log = logging.getLogger("lora_lab")
-# Trainer bookkeeping that is not a metric of the model.
 # Measurements of the run that a (multi-objective) sweep may optimise besides eval metrics.
 RUN_MEASURES = ("params/trainable", "memory/peak_gib", "speed/tokens_per_second", "time/wall_seconds")
 OOM_ADVICE = (
@@ -61,13 +60,8 @@ OOM_ADVICE = (
     "train.gradient_checkpointing=true, quant=nf4, a smaller task.max_length or adapter.r, "
     "or adapter.target_modules=attn"
 )
-_EVAL_BOOKKEEPING = {
-    "eval_runtime",
-    "eval_samples_per_second",
-    "eval_steps_per_second",
-    "epoch",
-    "num_input_tokens_seen",
-}
+# Trainer bookkeeping among the eval_* keys: not metrics of the model.
+_EVAL_BOOKKEEPING = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
 def objective_names(optimized_metric: str | list[str], task_metrics: list[str]) -> list[str]:
@@ -80,6 +74,15 @@ def objective_names(optimized_metric: str | list[str], task_metrics: list[str]) 
             "optimized_metric", optimized_metric, f"this run reports {', '.join(sorted(available))}"
         )
     return names
+
+
+def named_eval_metrics(raw: dict, prefix: str) -> dict[str, float]:
+    """The Trainer's `eval_<name>` metrics as `<prefix>/<name>`, without its bookkeeping."""
+    return {
+        f"{prefix}/{k.removeprefix('eval_')}": float(v)
+        for k, v in raw.items()
+        if k.startswith("eval_") and k not in _EVAL_BOOKKEEPING
+    }
 
 
 def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "default") -> dict[str, float]:
@@ -137,14 +140,11 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
         measurements = Measurements()
-        callbacks = [
-            MeasureCallback(measurements),
-            DivergenceGuard(),
-            DiagnosticsCallback(tracker, model),
-            CheckpointCompletion(),
-        ]
+        callbacks = [MeasureCallback(measurements), DivergenceGuard(), CheckpointCompletion()]
+        if tracker.active:  # the diagnostics dequantize every adapted layer: only for a tracker
+            callbacks.append(DiagnosticsCallback(tracker, model))
         pruning = None
-        if run.optuna_trial.study_name is not None and pruner_cfg and len(objectives) == 1:
+        if in_sweep and pruner_cfg and len(objectives) == 1:
             pruning = PruningCallback(
                 load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
             )
@@ -162,12 +162,7 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         if pruning is not None:
             pruning.raise_if_pruned()
 
-        final = trainer.evaluate()
-        metrics = {
-            f"eval/{k.removeprefix('eval_')}": float(v)
-            for k, v in final.items()
-            if k not in _EVAL_BOOKKEEPING
-        }
+        metrics = named_eval_metrics(trainer.evaluate(), "eval")
         if "perplexity" in task.metrics:
             add_perplexity(metrics)
         if "exact_match" in task.metrics:
@@ -177,12 +172,7 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             metrics["eval/exact_match"] = exact_match(predictions, data.eval_references, task.answer_pattern)
 
         if run.train.eval_on_start and measurements.eval_history:
-            start = measurements.eval_history[0]
-            metrics |= {
-                f"baseline/{k.removeprefix('eval_')}": float(v)
-                for k, v in start.items()
-                if k.startswith("eval_") and k not in _EVAL_BOOKKEEPING
-            }
+            metrics |= named_eval_metrics(measurements.eval_history[0], "baseline")
         trainable, total = model.get_nb_trainable_parameters()
         metrics |= {
             "params/trainable": trainable,
@@ -195,9 +185,10 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             "time/train_seconds": measurements.train_seconds,
             "time/wall_seconds": time.perf_counter() - started,
         }
-        diagnostics = lora_diagnostics(model)
-        tracker.log_table("lora_diagnostics", diagnostics)
-        tracker.summarise({**metrics, **summarise_diagnostics(diagnostics)})
+        if tracker.active:
+            diagnostics = lora_diagnostics(model)
+            tracker.log_table("lora_diagnostics", diagnostics)
+            tracker.summarise({**metrics, **summarise_diagnostics(diagnostics)})
         if trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 writes
             write_outputs(run_dir, model, metrics, quant_errors)
         log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))

@@ -124,6 +124,8 @@ def checkpointing_needed(
     finally:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        # The probe's peak is not the run's: memory/peak_gib measures training from here.
+        torch.cuda.reset_peak_memory_stats()
     return peak > 0.85 * torch.cuda.get_device_properties(model.device).total_memory
 
 

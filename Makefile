@@ -39,6 +39,7 @@ lint: install  ## ruff check and format check
 bench: install  ## benchmarks: the GPU shapes of docs/benchmarks.md on a CUDA machine, a CPU smoke run elsewhere
 	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(BIN)/python -m lora_lab.bench train --shape llama-8b --quant nf4 --batch 4 --seq 2048 && \
+		$(BIN)/python -m lora_lab.bench train --shape llama-8b --quant nf4 --batch 4 --seq 2048 --checkpointing on && \
 		$(BIN)/python -m lora_lab.bench train --shape llama-8b --quant none --batch 4 --seq 2048 && \
 		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant nf4 --batch 8 --seq 2048 && \
 		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --seq 2048 && \

@@ -29,6 +29,7 @@ from datetime import date
 import torch
 
 from lora_lab.loftq import QuantSpec, loftq_layer
+from lora_lab.speed import checkpointing_needed
 
 # Real model shapes (random weights are made on the device; nothing is downloaded).
 LLAMA_CONFIGS = {
@@ -236,18 +237,19 @@ def peer_model(path: str, quant: str, device: str):
     if quant != "none":
         model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     return get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     )
 
 
-def lora_lab_model(path: str, quant: str, device: str, checkpointing: bool, attn: str):
-    """lora_lab's own path: frozen base kept in the compute dtype, no fp32 upcasts."""
+def lora_lab_model(path: str, quant: str, device: str, attn: str):
+    """lora_lab's own path: frozen base kept in the compute dtype, no fp32 upcasts, and the speed
+    switches at their defaults (liger where installed on CUDA, else the fused loss)."""
     from lora_lab.adapters import attach_adapter
     from lora_lab.config import AdapterConfig, ModelConfig, QuantConfig
     from lora_lab.models import load_model
+    from lora_lab.speed import apply_speed_switches
 
     model, _ = load_model(
         ModelConfig(name="bench", name_or_path=path, attn_implementation=attn),
@@ -258,14 +260,17 @@ def lora_lab_model(path: str, quant: str, device: str, checkpointing: bool, attn
     model = attach_adapter(
         model, AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), "causal_lm"
     )
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return model
+    return model, apply_speed_switches(model, "auto", "auto", "causal_lm", device)
+
+
+def enable_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 def time_training(model, batches, device: str, warmup: int) -> tuple[float, float]:
     """(tokens per second over the timed steps, peak GiB) of fwd + bwd + fused AdamW steps."""
+    model.train()  # checkpointing and the fused loss act in training mode only
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     if device == "cuda":
@@ -293,7 +298,7 @@ def bench_train(
     seq: int,
     steps: int,
     workload: str,
-    checkpointing: bool,
+    checkpointing: str,
     attn: str,
     peak_tflops: float,
 ) -> list[dict]:
@@ -313,14 +318,24 @@ def bench_train(
             else [("lora_lab padded", False), ("lora_lab packed", True)]
         )
         for name, packed in recipes:
-            model = (
-                peer_model(path, quant, device)
-                if name == "peer"
-                else lora_lab_model(path, quant, device, checkpointing, attn)
-            )
+            kernels = {"liger": False, "fused_loss": False}
+            if name == "peer":
+                model, uses_checkpointing = peer_model(path, quant, device), True
+            else:
+                model, kernels = lora_lab_model(path, quant, device, attn)
+                uses_checkpointing = checkpointing == "on" or (
+                    checkpointing == "auto"
+                    and checkpointing_needed(
+                        model,
+                        next(_batches(workload, batch, seq, 1, config.vocab_size, packed, device))[0],
+                        device,
+                        torch.bfloat16,
+                    )
+                )
+                if uses_checkpointing:
+                    enable_checkpointing(model)
             batches = _batches(workload, batch, seq, steps, config.vocab_size, packed, device)
             tokens_per_second, peak = time_training(model, batches, device, warmup=min(2, steps - 1))
-            uses_checkpointing = name == "peer" or checkpointing
             mfu = (
                 tokens_per_second * flops_per_token(config, seq, uses_checkpointing) / (peak_tflops * 1e12)
                 if device == "cuda"
@@ -333,6 +348,7 @@ def bench_train(
                     "peak_gib": peak,
                     "mfu": mfu,
                     "checkpointing": uses_checkpointing,
+                    **kernels,
                 }
             )
             del model
@@ -367,7 +383,10 @@ def main() -> None:
     train.add_argument("--steps", type=int, default=8)
     train.add_argument("--workload", choices=["fixed", "varlen"], default="fixed")
     train.add_argument(
-        "--checkpointing", action="store_true", help="gradient checkpointing on lora_lab's side too"
+        "--checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="lora_lab's side: auto measures one step as training does (the peer always checkpoints)",
     )
     train.add_argument(
         "--attn",
@@ -393,12 +412,14 @@ def main() -> None:
         print(
             f"# training, {args.shape} {args.quant}, batch {args.batch} x seq {args.seq} ({args.workload}), on {machine()}, {date.today()}"
         )
-        print("| recipe | tokens/s | peak GiB | MFU | ratio |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| recipe | tokens/s | peak GiB | MFU | ratio | checkpointing | liger | fused loss |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(
-                f"| {r['recipe']} | {r['tokens_per_second']:,.0f} | {r['peak_gib']:.1f} | {mfu} | {r['ratio']:.2f}x |"
+                f"| {r['recipe']} | {r['tokens_per_second']:,.0f} | {r['peak_gib']:.1f} | {mfu} | {r['ratio']:.2f}x "
+                + "".join(f"| {'on' if r[k] else 'off'} " for k in ("checkpointing", "liger", "fused_loss"))
+                + "|"
             )
         if args.out:
             with open(args.out, "w") as f:

@@ -139,7 +139,10 @@ class TrainConfig:
     packing: bool = True  # padding-free batches for causal-LM tasks (classification is always padded)
     # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): auto = on
     # CUDA when liger-kernel is installed (`pip install lora_lab[gpu]`).
-    liger: str = "auto"
+    liger: Any = "auto"
+    # PyTorch's chunked linear cross-entropy (the logits are never held whole) for causal LMs with a
+    # plain output head: auto = on unless liger is on (liger fuses the loss itself).
+    fused_loss: Any = "auto"
     compile: bool = False  # torch.compile the model
 
 
@@ -299,9 +302,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     _positive("train.weight_decay", tr.weight_decay, allow_zero=True)
     _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
     _choice("train.device", tr.device, DEVICES)
-    _choice("train.liger", tr.liger, ("auto", "true", "false"))
-    if tr.gradient_checkpointing not in (True, False, "auto"):
-        raise ConfigError("train.gradient_checkpointing", tr.gradient_checkpointing, "auto, true or false")
+    for key in ("gradient_checkpointing", "liger", "fused_loss"):
+        if getattr(tr, key) not in (True, False, "auto"):
+            raise ConfigError(f"train.{key}", getattr(tr, key), "auto, true or false")
     _choice("logger.name", run.logger.name, ("none", "wandb"))
     _choice("logger.mode", run.logger.mode, ("auto", "online", "offline"))
 

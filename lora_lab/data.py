@@ -101,3 +101,11 @@ def build_task_data(
         eval_prompts=[r["prompt"] for r in eval_rows] if sft else [],
         eval_references=[r["response"] for r in eval_rows] if sft else [],
     )
+
+
+def longest_batch(data: TaskData, batch_size: int) -> dict:
+    """The training batch of the longest examples, collated as training collates: the most memory a
+    step will need."""
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:batch_size]
+    return data.collator([data.train[i] for i in longest])

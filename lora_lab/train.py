@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from lora_lab.adapters import attach_adapter, load_adapter
 from lora_lab.config import ConfigError, validate
-from lora_lab.data import build_task_data
+from lora_lab.data import build_task_data, longest_batch
 from lora_lab.loftq import prepare_quantized_adapter, summarise
 from lora_lab.metrics import (
     add_perplexity,
@@ -36,6 +36,7 @@ from lora_lab.metrics import (
 )
 from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
 from lora_lab.pruning import PruningCallback, load_trial
+from lora_lab.speed import apply_speed_switches, checkpointing_needed
 from lora_lab.tasks import load_rows
 from lora_lab.tracking import DiagnosticsCallback, tracking
 from lora_lab.trainer import (
@@ -45,7 +46,6 @@ from lora_lab.trainer import (
     Measurements,
     TrainingDiverged,
     build_trainer,
-    checkpointing_needed,
     latest_complete_checkpoint,
     peak_memory_gib,
     reset_peak_memory,
@@ -149,10 +149,15 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
                 load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
             )
             callbacks.append(pruning)
+        kernels = apply_speed_switches(model, run.train.liger, run.train.fused_loss, run.model.kind, device)
         checkpointing = run.train.gradient_checkpointing
         if checkpointing == "auto":
-            checkpointing = checkpointing_needed(model, data, run.train.batch_size, device, compute_dtype)
-            log.info("gradient checkpointing (auto, measured): %s", "on" if checkpointing else "off")
+            batch = longest_batch(data, run.train.batch_size)
+            checkpointing = checkpointing_needed(model, batch, device, compute_dtype)
+        log.info(
+            "liger: %s, fused loss: %s, gradient checkpointing: %s",
+            *("on" if on else "off" for on in (kernels["liger"], kernels["fused_loss"], checkpointing)),
+        )
         args = training_arguments(
             run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to, checkpointing
         )

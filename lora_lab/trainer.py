@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import resource
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from lora_lab.config import ConfigError, TrainConfig
+from lora_lab.config import TrainConfig
 from lora_lab.data import TaskData
 from lora_lab.metrics import argmax_logits
 
@@ -92,43 +91,6 @@ def latest_complete_checkpoint(directory: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def use_liger(setting: str, device: str) -> bool:
-    """Liger's kernels are Triton kernels: CUDA only."""
-    installed = importlib.util.find_spec("liger_kernel") is not None
-    if setting == "auto":
-        return device == "cuda" and installed
-    if setting == "true" and (device != "cuda" or not installed):
-        need = "a CUDA device" if device != "cuda" else "liger-kernel (pip install 'lora_lab[gpu]')"
-        raise ConfigError("train.liger", setting, f"liger kernels need {need}; use auto or false")
-    return setting == "true"
-
-
-def checkpointing_needed(
-    model, data: TaskData, batch_size: int, device: str, compute_dtype: torch.dtype
-) -> bool:
-    """Measure instead of guessing: on CUDA, run one forward/backward of the longest examples without
-    activation checkpointing; it is needed if that runs out of memory or peaks above 85% of the
-    device (the optimizer and allocator need the rest). On CPU memory is not the constraint: off."""
-    if device != "cuda":
-        return False
-    lengths = [len(ids) for ids in data.train["input_ids"]]
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:batch_size]
-    batch = {k: v.to(model.device) for k, v in data.collator([data.train[i] for i in longest]).items()}
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        with torch.autocast("cuda", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-            model(**batch).loss.backward()
-        peak = torch.cuda.max_memory_allocated()
-    except torch.cuda.OutOfMemoryError:
-        peak = math.inf
-    finally:
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        # The probe's peak is not the run's: memory/peak_gib measures training from here.
-        torch.cuda.reset_peak_memory_stats()
-    return peak > 0.85 * torch.cuda.get_device_properties(model.device).total_memory
-
-
 def training_arguments(
     train: TrainConfig,
     output_dir: Path,
@@ -170,7 +132,6 @@ def training_arguments(
         report_to=report_to or "none",
         disable_tqdm=True,
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
-        use_liger_kernel=use_liger(train.liger, device),
         torch_compile=train.compile,
     )
 

@@ -27,6 +27,11 @@ BAD_INPUTS = [
     (["optimized_metric=eval/bleu"], ["optimized_metric='eval/bleu'", "eval/token_accuracy"]),
     (["model=llama3_8b"], ["model.name_or_path='meta-llama/Llama-3.1-8B'", "Hub"]),
     (["task=gsm8k"], ["task.dataset='openai/gsm8k'", "could not load"]),
+    (["train.fused_loss=maybe"], ["train.fused_loss='maybe'", "auto, true or false"]),
+    (
+        ["adapter.target_modules=[q_proj,lm_head]", "train.fused_loss=true"],
+        ["train.fused_loss=True", "lora.layer.Linear", "plain frozen torch.nn.Linear", "auto or false"],
+    ),
 ]
 
 

@@ -95,15 +95,15 @@ def test_automatic_checkpointing_turns_on_only_when_a_step_would_not_fit(random_
 
     from lora_lab.adapters import attach_adapter
     from lora_lab.config import validate
-    from lora_lab.data import build_task_data
+    from lora_lab.data import build_task_data, longest_batch
     from lora_lab.models import load_model
-    from lora_lab.trainer import checkpointing_needed
+    from lora_lab.speed import checkpointing_needed
 
     run = validate(compose([f"model.name_or_path={random_llama}"]))
     model, tokenizer = load_model(run.model, run.quant, [], "cuda")
     model = attach_adapter(model, run.adapter, "causal_lm")
     rows = [{"prompt": "x" * 500, "response": "y" * 8}] * 4096
     data = build_task_data(rows, rows[:4], "sft", tokenizer, 512, packing=False)
-    assert checkpointing_needed(model, data, 4, "cuda", torch.bfloat16) is False
+    assert checkpointing_needed(model, longest_batch(data, 4), "cuda", torch.bfloat16) is False
     # 4,096 x 512 tokens in one step: hundreds of GiB of activations without checkpointing
-    assert checkpointing_needed(model, data, 4096, "cuda", torch.bfloat16) is True
+    assert checkpointing_needed(model, longest_batch(data, 4096), "cuda", torch.bfloat16) is True

@@ -1,14 +1,19 @@
-"""Correctness of the speed switches on CPU: packed (padding-free) batches give the padded loss."""
+"""Correctness of the speed switches on CPU: packing, the fused loss, compile and checkpointing
+each train exactly as the plain path does."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import SMALL_EVAL, compose, train_run
+from conftest import SMALL_EVAL, cli, compose, train_run
 
-from lora_lab.config import validate
-from lora_lab.data import build_task_data
+from lora_lab.adapters import attach_adapter
+from lora_lab.config import AdapterConfig, ConfigError, validate
+from lora_lab.data import IGNORE_INDEX, build_task_data, longest_batch
 from lora_lab.models import load_model
+from lora_lab.speed import PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
 from lora_lab.tasks import load_rows
 
 
@@ -59,12 +64,11 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 def test_liger_is_refused_clearly_where_it_cannot_run():
-    from lora_lab.config import ConfigError
-    from lora_lab.trainer import use_liger
+    from lora_lab.speed import use_liger
 
     assert use_liger("auto", "cpu") is False  # auto never turns it on without CUDA
-    with pytest.raises(ConfigError, match="train.liger='true'.*CUDA"):
-        use_liger("true", "cpu")
+    with pytest.raises(ConfigError, match="train.liger=True.*CUDA"):
+        use_liger(True, "cpu")
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
@@ -74,10 +78,120 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     assert checkpointed["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-4)
 
 
-def test_automatic_checkpointing_is_off_on_cpu():
-    from lora_lab.trainer import checkpointing_needed
+def test_automatic_checkpointing_is_off_on_cpu_and_probes_the_longest_batch():
+    from lora_lab.speed import checkpointing_needed
 
-    assert (
-        checkpointing_needed(model=None, data=None, batch_size=4, device="cpu", compute_dtype=torch.float32)
-        is False
+    run = validate(compose(["task=sort"]))
+    model, tokenizer = load_model(run.model, run.quant, [], "cpu")
+    train_rows, eval_rows = load_rows(run.task)
+    data = build_task_data(train_rows[:50], eval_rows[:4], "sft", tokenizer, 64, packing=False)
+    batch = longest_batch(data, 4)
+    longest = max(len(ids) for ids in data.train["input_ids"])
+    assert batch["input_ids"].shape == (4, longest)
+    assert checkpointing_needed(model, batch, "cpu", torch.float32) is False
+
+
+def tiny_causal_lm(model_type: str):
+    """A small random causal LM of each architecture the fused loss supports."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train mode, same loss twice
+    if model_type == "gpt2":
+        config = AutoConfig.for_model(
+            "gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64, **no_dropout
+        )
+    else:
+        config = AutoConfig.for_model(model_type, **sizes, **heads)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", PLAIN_HEAD_MODEL_TYPES)
+def test_fused_loss_equals_the_models_own_loss_and_gradients(model_type):
+    model = attach_adapter(
+        tiny_causal_lm(model_type), AdapterConfig(r=4, dropout=0.0, target_modules="all-linear"), "causal_lm"
     )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter, so its gradients pass through the head
+            torch.nn.init.normal_(param, std=0.05)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 512, (3, 40), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 30:] = 0  # a padded row
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :10] = IGNORE_INDEX  # prompt tokens carry no loss
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    # num_items_in_batch: the Trainer's count over all accumulated micro-batches, here twice this one
+    num_items = 2 * (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def loss_and_grads(**extra):
+        model.zero_grad()
+        loss = model(**batch, **extra).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    plain = [loss_and_grads(), loss_and_grads(num_items_in_batch=num_items)]
+    assert use_fused_loss("auto", model, "causal_lm", liger=False)
+    fuse_causal_lm_loss(model)
+    fused = [loss_and_grads(), loss_and_grads(num_items_in_batch=num_items)]
+    for (plain_loss, plain_grads), (fused_loss, fused_grads) in zip(plain, fused, strict=True):
+        assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+        assert plain_grads.keys() == fused_grads.keys()
+        for name in plain_grads:
+            torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert fused[1][0] == pytest.approx(fused[0][0] / 2, rel=1e-5)  # summed over the given count
+
+    model.eval()  # evaluation keeps the plain forward: metrics need the logits
+    with torch.no_grad():
+        outputs = model(**batch)
+    assert outputs.logits.shape == (3, 40, 512)
+    assert outputs.loss.item() == pytest.approx(plain[0][0], rel=1e-5)
+
+
+def test_fused_loss_is_used_only_where_it_computes_the_models_loss():
+    llama = attach_adapter(tiny_causal_lm("llama"), AdapterConfig(target_modules="all-linear"), "causal_lm")
+    assert use_fused_loss(True, llama, "causal_lm", liger=False)
+    assert not use_fused_loss("auto", llama, "causal_lm", liger=True)  # liger fuses the loss itself
+    assert not use_fused_loss(False, llama, "causal_lm", liger=False)
+    adapted_head = attach_adapter(
+        tiny_causal_lm("llama"), AdapterConfig(target_modules=["q_proj", "lm_head"]), "causal_lm"
+    )
+    assert not use_fused_loss("auto", adapted_head, "causal_lm", liger=False)
+    with pytest.raises(ConfigError, match="train.fused_loss=True.*not a plain frozen torch.nn.Linear"):
+        use_fused_loss(True, adapted_head, "causal_lm", liger=False)
+
+
+def test_training_with_the_fused_loss_matches_the_plain_loss(tmp_path):
+    # grad_accum=2: the Trainer passes num_items_in_batch, which the fused loss must honour
+    common = [
+        *SMALL_EVAL,
+        "train.max_steps=8",
+        "train.eval_steps=8",
+        "adapter.dropout=0",
+        "train.grad_accum=2",
+    ]
+    plain = train_run([*common, "train.fused_loss=false"], tmp_path / "plain")
+    fused = train_run([*common, "train.fused_loss=true"], tmp_path / "fused")
+    assert fused["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-4)
+
+
+def test_the_training_benchmark_runs_both_recipes(tmp_path):
+    """`make bench`'s command on the CPU shape: a smoke run of the harness, not a speed assertion."""
+    out = tmp_path / "bench.json"
+    result = cli(
+        [
+            "-m", "lora_lab.bench", "train", "--shape", "cpu-small", "--quant", "none",
+            "--batch", "2", "--seq", "64", "--steps", "3", "--out", str(out),
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["recipe"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"peer", "lora_lab"}
+    assert rows["peer"]["checkpointing"] and not rows["peer"]["fused_loss"]
+    assert rows["lora_lab"]["fused_loss"] and not rows["lora_lab"]["checkpointing"]  # measured: off on CPU
+    assert all(row["tokens_per_second"] > 0 for row in rows.values())
+    assert "| lora_lab |" in result.stdout

@@ -1,0 +1,139 @@
+"""The speed switches of a training run: Liger kernels, the fused linear cross-entropy loss, and
+whether activation checkpointing is needed. Shared by training and `python -m lora_lab.bench`."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lora_lab.config import ConfigError
+from lora_lab.data import IGNORE_INDEX
+
+# Architectures whose training logits are exactly lm_head(decoder output): no soft-capping or
+# logit scaling that a fused loss would skip.
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def use_liger(setting: bool | str, device: str) -> bool:
+    """Liger's kernels are Triton kernels: CUDA only."""
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return device == "cuda" and installed
+    if setting is True and (device != "cuda" or not installed):
+        need = "a CUDA device" if device != "cuda" else "liger-kernel (pip install 'lora_lab[gpu]')"
+        raise ConfigError("train.liger", setting, f"liger kernels need {need}; use auto or false")
+    return setting
+
+
+def use_fused_loss(setting: bool | str, model, model_kind: str, liger: bool) -> bool:
+    """PyTorch's chunked linear cross-entropy, where it computes exactly the model's own loss.
+    Liger, when on, fuses the loss with its own kernel instead."""
+    if setting is False or liger:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if model_kind == "causal_lm" else None
+    if model_kind != "causal_lm":
+        obstacle = "it applies to causal-LM tasks only"
+    elif base.config.model_type not in PLAIN_HEAD_MODEL_TYPES:
+        obstacle = (
+            f"model type {base.config.model_type!r} may transform its logits; "
+            f"supported: {', '.join(PLAIN_HEAD_MODEL_TYPES)}"
+        )
+    elif type(head) is not torch.nn.Linear:  # an adapted, trainable-copy or quantized head
+        head_type = f"{type(head).__module__}.{type(head).__qualname__}"
+        obstacle = f"the output head is a {head_type}, not a plain frozen torch.nn.Linear"
+    elif not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        obstacle = f"torch {torch.__version__} has no chunked linear_cross_entropy (torch>=2.13 has)"
+    else:
+        return True
+    if setting is True:
+        raise ConfigError("train.fused_loss", setting, f"{obstacle}; use auto or false")
+    return False
+
+
+def fuse_causal_lm_loss(model) -> None:
+    """Train without materialising the logits: in training mode with labels, the causal LM's forward
+    returns the loss from torch's chunked linear cross-entropy over the decoder's output, which never
+    holds the (tokens x vocabulary) logits at once (GiBs for a 128k vocabulary). The loss is the
+    model's own: labels shifted by one, IGNORE_INDEX skipped, summed over num_items_in_batch when the
+    Trainer passes it (gradient accumulation), else averaged. Evaluation keeps the plain forward,
+    whose logits the metrics need. The forward is replaced on the instance, so PEFT, DDP and
+    torch.compile still call it through their own wrappers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    plain_forward = base.forward
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def forward(input_ids=None, labels=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
+        if not (base.training and labels is not None and torch.is_grad_enabled()):
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return plain_forward(input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
+        device_type = hidden.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else head.weight.dtype
+        )
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        loss = F.linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]).to(dtype),
+            head.weight.to(dtype),
+            targets.reshape(-1).to(hidden.device),
+            linear_bias=None if head.bias is None else head.bias.to(dtype),
+            reduction="mean" if num_items_in_batch is None else "sum",
+            ignore_index=IGNORE_INDEX,
+            options=options,
+        )
+        if num_items_in_batch is not None:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        return CausalLMOutputWithPast(loss=loss)
+
+    base.forward = forward
+
+
+def apply_speed_switches(
+    model, liger: bool | str, fused_loss: bool | str, model_kind: str, device: str
+) -> dict[str, bool]:
+    """Turn on the kernels the settings and the machine allow; returns what is on. Applied before
+    the checkpointing probe, so that it measures the step that will run."""
+    on = {"liger": use_liger(liger, device)}
+    on["fused_loss"] = use_fused_loss(fused_loss, model, model_kind, on["liger"])
+    if on["liger"]:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, None)
+    if on["fused_loss"]:
+        fuse_causal_lm_loss(model)
+    return on
+
+
+def checkpointing_needed(model, batch: dict, device: str, compute_dtype: torch.dtype) -> bool:
+    """Measure instead of guessing: on CUDA, run one forward/backward of the batch (the longest the
+    run will see) without activation checkpointing; it is needed if that runs out of memory or peaks
+    above 85% of the device (the optimizer and allocator need the rest). On CPU memory is not the
+    constraint: off. Call it after the other switches: a fused loss changes what a step needs."""
+    if device != "cuda":
+        return False
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    was_training = model.training
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with torch.autocast("cuda", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            model(**batch).loss.backward()
+        peak = torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        peak = math.inf
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        # The probe's peak is not the run's: memory/peak_gib measures training from here.
+        torch.cuda.reset_peak_memory_stats()
+    return peak > 0.85 * torch.cuda.get_device_properties(model.device).total_memory

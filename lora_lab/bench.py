@@ -52,6 +52,15 @@ LLAMA_CONFIGS = {
         rope_theta=500000.0,
         tie_word_embeddings=True,
     ),
+    # Llama 3's 128k vocabulary on a small body: the output head dominates, as in the 1B model.
+    "cpu-128k-vocab": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128256,
+    ),
     "cpu-small": dict(
         hidden_size=256,
         intermediate_size=512,
@@ -243,9 +252,9 @@ def peer_model(path: str, quant: str, device: str):
     )
 
 
-def lora_lab_model(path: str, quant: str, device: str, attn: str):
+def lora_lab_model(path: str, quant: str, device: str, attn: str, liger: bool | str, fused_loss: bool | str):
     """lora_lab's own path: frozen base kept in the compute dtype, no fp32 upcasts, and the speed
-    switches at their defaults (liger where installed on CUDA, else the fused loss)."""
+    switches as training applies them (by default liger where installed on CUDA, else the fused loss)."""
     from lora_lab.adapters import attach_adapter
     from lora_lab.config import AdapterConfig, ModelConfig, QuantConfig
     from lora_lab.models import load_model
@@ -260,7 +269,7 @@ def lora_lab_model(path: str, quant: str, device: str, attn: str):
     model = attach_adapter(
         model, AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), "causal_lm"
     )
-    return model, apply_speed_switches(model, "auto", "auto", "causal_lm", device)
+    return model, apply_speed_switches(model, liger, fused_loss, "causal_lm", device)
 
 
 def enable_checkpointing(model) -> None:
@@ -301,6 +310,8 @@ def bench_train(
     checkpointing: str,
     attn: str,
     peak_tflops: float,
+    liger: bool | str = "auto",
+    fused_loss: bool | str = "auto",
 ) -> list[dict]:
     import gc
     import tempfile
@@ -322,7 +333,7 @@ def bench_train(
             if name == "peer":
                 model, uses_checkpointing = peer_model(path, quant, device), True
             else:
-                model, kernels = lora_lab_model(path, quant, device, attn)
+                model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss)
                 uses_checkpointing = checkpointing == "on" or (
                     checkpointing == "auto"
                     and checkpointing_needed(
@@ -393,6 +404,11 @@ def main() -> None:
         default="sdpa",
         help="lora_lab's attention: sdpa, flex_attention (packed block masks), flash_attention_2",
     )
+    switch = {"auto": "auto", "true": True, "false": False}
+    for name in ("liger", "fused-loss"):
+        train.add_argument(
+            f"--{name}", choices=switch, default="auto", help=f"lora_lab's train.{name.replace('-', '_')}"
+        )
     train.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak, for MFU")
     train.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -408,6 +424,8 @@ def main() -> None:
             args.checkpointing,
             args.attn,
             args.peak_tflops,
+            switch[args.liger],
+            switch[args.fused_loss],
         )
         print(
             f"# training, {args.shape} {args.quant}, batch {args.batch} x seq {args.seq} ({args.workload}), on {machine()}, {date.today()}"

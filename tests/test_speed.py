@@ -13,7 +13,7 @@ from lora_lab.adapters import attach_adapter
 from lora_lab.config import AdapterConfig, ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data, longest_batch
 from lora_lab.models import load_model
-from lora_lab.speed import PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
+from lora_lab.speed import MIN_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
 from lora_lab.tasks import load_rows
 
 
@@ -100,7 +100,7 @@ def tiny_causal_lm(model_type: str):
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train mode, same loss twice
     if model_type == "gpt2":
         config = AutoConfig.for_model(
-            "gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64, **no_dropout
+            "gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, **no_dropout
         )
     else:
         config = AutoConfig.for_model(model_type, **sizes, **heads)
@@ -117,12 +117,13 @@ def test_fused_loss_equals_the_models_own_loss_and_gradients(model_type):
         if "lora_B" in name:  # a trained-looking adapter, so its gradients pass through the head
             torch.nn.init.normal_(param, std=0.05)
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 512, (3, 40), generator=generator)
+    input_ids = torch.randint(0, 512, (3, 200), generator=generator)  # 600 tokens: 3 chunks
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 30:] = 0  # a padded row
+    attention_mask[1, 150:] = 0  # a padded row
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     labels[:, :10] = IGNORE_INDEX  # prompt tokens carry no loss
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    assert input_ids.numel() > 2 * MIN_CHUNK_ROWS  # the loss runs over several chunks
     # num_items_in_batch: the Trainer's count over all accumulated micro-batches, here twice this one
     num_items = 2 * (labels[:, 1:] != IGNORE_INDEX).sum()
 
@@ -147,7 +148,7 @@ def test_fused_loss_equals_the_models_own_loss_and_gradients(model_type):
     model.eval()  # evaluation keeps the plain forward: metrics need the logits
     with torch.no_grad():
         outputs = model(**batch)
-    assert outputs.logits.shape == (3, 40, 512)
+    assert outputs.logits.shape == (3, 200, 512)
     assert outputs.loss.item() == pytest.approx(plain[0][0], rel=1e-5)
 
 

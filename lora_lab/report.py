@@ -42,6 +42,7 @@ MEASURES = {
     "memory/peak_gib": "peak memory (GiB)",
     "speed/tokens_per_second": "tokens/s",
     "time/wall_seconds": "wall time (s)",
+    "train/gradient_checkpointing": "checkpointing (1 = on)",  # auto may differ between trials
 }
 UNITS = {"eval/loss": "cross-entropy, nats", "eval/perplexity": "exp(loss)", "params/trainable": "count"}
 UNITS |= {"memory/peak_gib": "GiB", "speed/tokens_per_second": "tokens/s", "time/wall_seconds": "s"}

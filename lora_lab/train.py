@@ -185,6 +185,10 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             "params/trainable_pct": 100.0 * trainable / total,
             "train/steps": trainer.state.global_step,
             "train/tokens": measurements.tokens_seen,
+            # what the auto switches decided: memory and speed compare only between equal settings
+            "train/gradient_checkpointing": float(checkpointing),
+            "train/liger": float(kernels["liger"]),
+            "train/fused_loss": float(kernels["fused_loss"]),
             "speed/tokens_per_second": measurements.tokens_per_second,
             "memory/peak_gib": peak_memory_gib(device),
             "time/train_seconds": measurements.train_seconds,

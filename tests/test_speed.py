@@ -177,6 +177,8 @@ def test_training_with_the_fused_loss_matches_the_plain_loss(tmp_path):
     plain = train_run([*common, "train.fused_loss=false"], tmp_path / "plain")
     fused = train_run([*common, "train.fused_loss=true"], tmp_path / "fused")
     assert fused["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-4)
+    assert (fused["train/fused_loss"], plain["train/fused_loss"]) == (1.0, 0.0)  # metrics.json says which
+    assert fused["train/gradient_checkpointing"] == 0.0  # auto, measured: off on CPU
 
 
 def test_the_training_benchmark_runs_both_recipes(tmp_path):

@@ -30,7 +30,7 @@ BAD_INPUTS = [
     (["train.fused_loss=maybe"], ["train.fused_loss='maybe'", "auto, true or false"]),
     (
         ["adapter.target_modules=[q_proj,lm_head]", "train.fused_loss=true"],
-        ["train.fused_loss=True", "lora.layer.Linear", "plain frozen torch.nn.Linear", "auto or false"],
+        ["train.fused_loss=True", "lora.layer.Linear", "plain torch.nn.Linear", "auto or false"],
     ),
 ]
 

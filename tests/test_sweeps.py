@@ -202,3 +202,35 @@ def test_parallel_trials_with_the_submitit_launcher(tmp_path):
     )
     assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 2
     assert len([p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]) == 2  # one job each
+
+
+def _open_study_at_once(barrier, storage: str, study_name: str) -> None:
+    from hydra_plugins.lora_lab_sweeper.lora_lab_sweeper import create_or_load_study
+
+    barrier.wait()
+    create_or_load_study(study_name=study_name, storage=storage, directions=["minimize"])
+
+
+def test_workers_starting_together_on_an_empty_postgresql_database_all_open_the_study(postgres_url):
+    """The race behind a flaky two-worker run: workers creating Optuna's tables at once lose it with
+    a unique violation, a duplicate table or a duplicate type. Twelve workers per round, each round
+    on a fresh database (retrying unique violations alone failed this); each must open the study."""
+    import multiprocessing
+
+    import psycopg
+
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(5):
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE race{round_}")
+        storage = postgres_url.rsplit("/", 1)[0] + f"/race{round_}"
+        barrier = context.Barrier(12)
+        workers = [
+            context.Process(target=_open_study_at_once, args=(barrier, storage, "raced")) for _ in range(12)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [w.exitcode for w in workers] == [0] * 12
+        assert optuna.get_all_study_names(storage=storage) == ["raced"]

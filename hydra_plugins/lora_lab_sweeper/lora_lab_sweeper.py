@@ -13,7 +13,6 @@ What it adds to the stock plugin, without replacing its sweep loop:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -49,6 +48,25 @@ def absolute_sqlite_url(storage: str) -> str:
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return "sqlite:///" + path
+
+
+# PostgreSQL's codes for losing a race to create the same table, type or row: unique_violation,
+# duplicate_table, duplicate_object.
+SCHEMA_RACE_SQLSTATES = {"23505", "42P07", "42710"}
+
+
+def create_or_load_study(**study_args: Any) -> optuna.Study:
+    """Create or load the study. Workers that start together on an empty database race to create
+    Optuna's tables; the loser gets a duplicate-table, duplicate-object or unique-violation error,
+    depending on where the race is lost, and simply tries again."""
+    for delay in (1, 2, 4):
+        try:
+            return optuna.create_study(**study_args, load_if_exists=True)
+        except sqlalchemy.exc.DBAPIError as e:
+            if getattr(e.orig, "sqlstate", None) not in SCHEMA_RACE_SQLSTATES:
+                raise
+            time.sleep(delay)
+    return optuna.create_study(**study_args, load_if_exists=True)
 
 
 class _OutcomeLauncher:
@@ -111,21 +129,9 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
         self._write_summary()
 
     def _open_study(self) -> optuna.Study:
-        """Create or load the study. Workers that start together on an empty database race to
-        create Optuna's tables; the loser gets an IntegrityError and simply tries again."""
-        open_study = functools.partial(
-            optuna.create_study,
-            study_name=self.study_name,
-            storage=self.storage,
-            directions=self._get_directions(),
-            load_if_exists=True,
+        return create_or_load_study(
+            study_name=self.study_name, storage=self.storage, directions=self._get_directions()
         )
-        for delay in (1, 2, 4):
-            try:
-                return open_study()
-            except sqlalchemy.exc.IntegrityError:
-                time.sleep(delay)
-        return open_study()
 
     def _configure_trials(self, trials: list, *args: Any) -> Any:
         self._batch = list(trials)

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_utils import unwrap_peft_model
 
 from lora_lab.config import ConfigError
 from lora_lab.data import IGNORE_INDEX
@@ -39,7 +40,7 @@ def use_fused_loss(setting: bool | str, model, model_kind: str, liger: bool) -> 
     Liger, when on, fuses the loss with its own kernel instead."""
     if setting is False or liger:
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft_model(model)
     head = base.get_output_embeddings() if model_kind == "causal_lm" else None
     if model_kind != "causal_lm":
         obstacle = "it applies to causal-LM tasks only"
@@ -68,7 +69,7 @@ def fuse_causal_lm_loss(model) -> None:
     Trainer passes it (gradient accumulation), else averaged. Evaluation keeps the plain forward,
     whose logits the metrics need. The forward is replaced on the instance, so PEFT, DDP and
     torch.compile still call it through their own wrappers."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft_model(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     plain_forward = base.forward
 

@@ -82,14 +82,15 @@ def build_task_data(
 ) -> TaskData:
     """Tokenised train/eval sets and the collator.
 
-    With packing (causal tasks), a batch is one row of concatenated examples with position ids that
+    With packing (SFT tasks), a batch is one row of concatenated examples with position ids that
     restart at each example: no padding is computed, and the attention kernel keeps examples apart
     (transformers derives the block-diagonal mask from the position ids for sdpa and eager; flash
-    attention takes the sequence boundaries directly)."""
+    attention takes the sequence boundaries directly). LM tasks are cut into blocks of max_length,
+    which have no padding to remove: packing them would only widen the attention to the whole row."""
     tokenize = TOKENIZERS[task_format]
     if task_format == "cls":
         collator = DataCollatorWithPadding(tokenizer)
-    elif packing:
+    elif packing and task_format == "sft":
         collator = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)

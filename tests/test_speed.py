@@ -41,6 +41,18 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients():
     assert torch.allclose(grads[True], grads[False], atol=1e-6)
 
 
+def test_lm_blocks_stay_rows_with_packing_on():
+    """LM text is cut into full blocks: packing would remove no padding and only make every block
+    attend within one long row, quadratic in the batch's total length for sdpa and eager."""
+    run = validate(compose(["task=sort"]))
+    _, tokenizer = load_model(run.model, run.quant, [], "cpu")
+    rows = [{"text": " ".join(["sort 3 1 2 : 1 2 3"] * 40)}] * 6
+    data = build_task_data(rows, rows[:2], "lm", tokenizer, 32, packing=True)
+    batch = data.collator([data.train[i] for i in range(4)])
+    assert batch["input_ids"].shape == (4, 32) and "position_ids" not in batch
+    assert bool(batch["labels"].ne(IGNORE_INDEX).all())
+
+
 def test_training_with_and_without_packing_matches(tmp_path):
     common = [*SMALL_EVAL, "train.max_steps=15", "train.eval_steps=15", "adapter.dropout=0"]
     packed = train_run([*common, "train.packing=true"], tmp_path / "packed")

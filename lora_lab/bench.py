@@ -185,7 +185,9 @@ def varlen_lengths(count: int, max_len: int, generator: torch.Generator) -> list
     return [int(min(max(n, 16), max_len)) for n in lengths.tolist()]
 
 
-def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, packed: bool, device: str):
+def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, collator, device: str):
+    """(batch, real tokens) for each step. varlen examples go through `collator`: lora_lab's
+    training collator (packed or padded), so that the bench times the batches training builds."""
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         if workload == "fixed":
@@ -193,32 +195,12 @@ def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, packed
             yield {"input_ids": ids.to(device), "labels": ids.to(device)}, batch * seq
             continue
         lengths = varlen_lengths(batch, seq, generator)
-        examples = [torch.randint(0, vocab, (n,), generator=generator) for n in lengths]
-        if packed:
-            ids = torch.cat(examples)[None]
-            positions = torch.cat([torch.arange(n) for n in lengths])[None]
-            labels = ids.clone()
-            starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()])
-            labels[0, starts] = -100  # no token predicts across an example boundary
-            yield (
-                {
-                    "input_ids": ids.to(device),
-                    "position_ids": positions.to(device),
-                    "labels": labels.to(device),
-                },
-                sum(lengths),
-            )
-        else:
-            longest = max(lengths)
-            ids = torch.zeros(batch, longest, dtype=torch.long)
-            mask = torch.zeros(batch, longest, dtype=torch.long)
-            for row, example in enumerate(examples):
-                ids[row, : len(example)], mask[row, : len(example)] = example, 1
-            labels = ids.masked_fill(mask == 0, -100)
-            yield (
-                {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)},
-                sum(lengths),
-            )
+        features = []
+        for n in lengths:
+            ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
+            features.append({"input_ids": ids, "attention_mask": [1] * n, "labels": ids})
+        collated = collator(features)
+        yield {key: value.to(device) for key, value in collated.items()}, sum(lengths)
 
 
 def peer_model(path: str, quant: str, device: str):
@@ -309,32 +291,40 @@ def bench_train(
     import gc
     import tempfile
 
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorWithFlattening
+
+    from lora_lab.data import batch_collator, skips_cross_example_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         path = save_random_llama(shape, directory, device)
         config = AutoConfig.from_pretrained(path)
-        recipes = (
-            [("peer", False), ("lora_lab", False)]
-            if workload == "fixed"
-            else [("lora_lab padded", False), ("lora_lab packed", True)]
-        )
-        for name, packed in recipes:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        padded = batch_collator("sft", tokenizer, False, attn)
+        if workload == "fixed":
+            recipes = [("peer", padded), ("lora_lab", padded)]
+        else:
+            recipes = [
+                ("lora_lab padded", padded),
+                ("lora_lab packed", batch_collator("sft", tokenizer, True, attn)),
+            ]
+            if not skips_cross_example_attention(attn):  # what one row would cost this kernel
+                recipes.append(("lora_lab packed, one row", DataCollatorWithFlattening()))
+        for name, collator in recipes:
             kernels = {"liger": False, "fused_loss": False}
             if name == "peer":
                 model, uses_checkpointing = peer_model(path, quant, device), True
             else:
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss)
                 if checkpointing == "auto":  # measured on the first batch, as training measures its longest
-                    first, _ = next(_batches(workload, batch, seq, 1, config.vocab_size, packed, device))
+                    first, _ = next(_batches(workload, batch, seq, 1, config.vocab_size, collator, device))
                     uses_checkpointing = checkpointing_needed(model, first, device, torch.bfloat16)
                 else:
                     uses_checkpointing = checkpointing == "on"
                 if uses_checkpointing:
                     enable_checkpointing(model)
-            batches = _batches(workload, batch, seq, steps, config.vocab_size, packed, device)
+            batches = _batches(workload, batch, seq, steps, config.vocab_size, collator, device)
             tokens_per_second, peak = time_training(model, batches, device, warmup=min(2, steps - 1))
             mfu = (
                 tokens_per_second * flops_per_token(config, seq, uses_checkpointing) / (peak_tflops * 1e12)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -71,6 +73,65 @@ def tokenize_cls(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_lengt
 TOKENIZERS = {"sft": tokenize_sft, "lm": tokenize_lm, "cls": tokenize_cls}
 
 
+def skips_cross_example_attention(attn_implementation: str) -> bool:
+    """Flash attention (varlen) and flex attention (block-sparse masks) do no work between packed
+    examples, so a whole batch fits one row at no extra cost. sdpa and eager compute a dense mask
+    over each row: their cost grows with the square of the row's length."""
+    return "flash" in attn_implementation or attn_implementation == "flex_attention"
+
+
+class RowPackingCollator:
+    """Padding-free batches for dense-mask attention (sdpa, eager): rows no longer than the batch's
+    longest example, filled first-fit by decreasing length, so that attention and the linear layers
+    do at most the padded batch's work. Each row is flattened as DataCollatorWithFlattening flattens a
+    batch: position ids restart at every example, which is how the model keeps examples apart. A
+    row shorter than the longest is filled with padding that continues its last example's positions
+    and has no labels; causal attention never lets that example see it. A batch of one example per
+    row thus has no packed mask at all, and attention takes its plain causal path."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.flatten = DataCollatorWithFlattening(return_tensors="pt")
+
+    def __call__(self, features: list[dict]) -> dict:
+        by_length = sorted(features, key=lambda f: len(f["input_ids"]), reverse=True)
+        width = len(by_length[0]["input_ids"])
+        rows: list[list[dict]] = []
+        room: list[int] = []
+        for feature in by_length:
+            length = len(feature["input_ids"])
+            fits = next((i for i, free in enumerate(room) if free >= length), None)
+            if fits is None:
+                rows.append([feature])
+                room.append(width - length)
+            else:
+                rows[fits].append(feature)
+                room[fits] -= length
+        batch: dict[str, list[torch.Tensor]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for row, free in zip(rows, room, strict=True):
+            flat = self.flatten(row)
+            last_position = int(flat["position_ids"][0, -1])
+            batch["input_ids"].append(F.pad(flat["input_ids"][0], (0, free), value=self.pad_token_id))
+            batch["labels"].append(F.pad(flat["labels"][0], (0, free), value=IGNORE_INDEX))
+            tail = torch.arange(last_position + 1, last_position + 1 + free)
+            batch["position_ids"].append(torch.cat([flat["position_ids"][0], tail]))
+        return {key: torch.stack(values) for key, values in batch.items()}
+
+
+def batch_collator(
+    task_format: str, tokenizer: PreTrainedTokenizerBase, packing: bool, attn_implementation: str
+):
+    """How training batches are collated. Packing applies to SFT examples; LM tasks are cut into
+    blocks of max_length, which have no padding to remove; classification is padded."""
+    if task_format == "cls":
+        return DataCollatorWithPadding(tokenizer)
+    if not (packing and task_format == "sft"):
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    if skips_cross_example_attention(attn_implementation):
+        return DataCollatorWithFlattening(return_flash_attn_kwargs="flash" in attn_implementation)
+    return RowPackingCollator(tokenizer.pad_token_id)
+
+
 def build_task_data(
     train_rows: list[dict],
     eval_rows: list[dict],
@@ -78,22 +139,11 @@ def build_task_data(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     packing: bool,
-    flash_attention: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> TaskData:
-    """Tokenised train/eval sets and the collator.
-
-    With packing (SFT tasks), a batch is one row of concatenated examples with position ids that
-    restart at each example: no padding is computed, and the attention kernel keeps examples apart
-    (transformers derives the block-diagonal mask from the position ids for sdpa and eager; flash
-    attention takes the sequence boundaries directly). LM tasks are cut into blocks of max_length,
-    which have no padding to remove: packing them would only widen the attention to the whole row."""
+    """Tokenised train/eval sets and the collator (`batch_collator`)."""
     tokenize = TOKENIZERS[task_format]
-    if task_format == "cls":
-        collator = DataCollatorWithPadding(tokenizer)
-    elif packing and task_format == "sft":
-        collator = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention)
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    collator = batch_collator(task_format, tokenizer, packing, attn_implementation)
     sft = task_format == "sft"
     return TaskData(
         train=tokenize(train_rows, tokenizer, max_length),

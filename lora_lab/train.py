@@ -135,7 +135,7 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             tokenizer,
             task.max_length,
             run.train.packing,
-            flash_attention=run.model.attn_implementation.startswith("flash_attention"),
+            attn_implementation=run.model.attn_implementation,
         )
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
@@ -161,7 +161,9 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         args = training_arguments(
             run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to, checkpointing
         )
-        trainer = build_trainer(model, data, args, step_metrics_fn(task.kind, task.metrics), callbacks)
+        trainer = build_trainer(
+            model, tokenizer, data, args, step_metrics_fn(task.kind, task.metrics), callbacks
+        )
         if run.train.max_steps != 0:  # 0: evaluate an existing adapter (adapter.init_from) only
             trainer.train(resume_from_checkpoint=resume_checkpoint(run.train.resume, run_dir / "checkpoints"))
         if pruning is not None:

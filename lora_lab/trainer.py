@@ -137,10 +137,17 @@ def training_arguments(
 
 
 def build_trainer(
-    model, data: TaskData, args: TrainingArguments, compute_metrics, callbacks: list[TrainerCallback]
+    model,
+    tokenizer,
+    data: TaskData,
+    args: TrainingArguments,
+    compute_metrics,
+    callbacks: list[TrainerCallback],
 ) -> Trainer:
     return Trainer(
         model=model,
+        # Packed batches carry no attention mask: the Trainer tells their padding by the pad id.
+        processing_class=tokenizer,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,

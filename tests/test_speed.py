@@ -11,34 +11,66 @@ from conftest import SMALL_EVAL, cli, compose, train_run
 
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import AdapterConfig, ConfigError, validate
-from lora_lab.data import IGNORE_INDEX, build_task_data, longest_batch
+from lora_lab.data import IGNORE_INDEX, RowPackingCollator, build_task_data, longest_batch
 from lora_lab.models import load_model
 from lora_lab.speed import MIN_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
 from lora_lab.tasks import load_rows
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients():
+    """Rows of packed examples (sdpa, eager) and one packed row (flash, flex) train exactly as the
+    padded batch does; the model is run with sdpa for all three, which keeps packed examples apart
+    by their position ids."""
     run = validate(compose(["task=sort"]))
     model, tokenizer = load_model(run.model, run.quant, [], "cpu")
     model.train(False)
     for p in model.parameters():
         p.requires_grad_(True)
-    train_rows, eval_rows = load_rows(run.task)
-    rows = train_rows[:12]
-    losses, grads = {}, {}
-    for packing in (False, True):
-        data = build_task_data(rows, eval_rows[:4], "sft", tokenizer, 64, packing)
-        batch = data.collator([data.train[i] for i in range(len(rows))])
+    _, eval_rows = load_rows(run.task)
+    # Lengths from 1 to 12 numbers, so that several short examples share a row.
+    rows = []
+    for count in range(1, 13):
+        numbers = [(7 * count + 3 * i) % 10 for i in range(count)]
+        rows.append(
+            {
+                "prompt": "sort " + " ".join(map(str, numbers)) + " :",
+                "response": " " + " ".join(map(str, sorted(numbers))),
+            }
+        )
+    layouts = {"padded": (False, "sdpa"), "rows": (True, "sdpa"), "one row": (True, "flex_attention")}
+    losses, grads, batches = {}, {}, {}
+    for layout, (packing, attn) in layouts.items():
+        data = build_task_data(rows, eval_rows[:4], "sft", tokenizer, 64, packing, attn)
+        batch = batches[layout] = data.collator([data.train[i] for i in range(len(rows))])
         model.zero_grad()
         loss = model(**batch).loss
         loss.backward()
-        losses[packing] = loss.item()
-        grads[packing] = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
-        if packing:
-            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-            assert int(batch["position_ids"].eq(0).sum()) == len(rows)
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
-    assert torch.allclose(grads[True], grads[False], atol=1e-6)
+        losses[layout] = loss.item()
+        grads[layout] = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    longest = batches["padded"]["input_ids"].shape[1]
+    assert batches["rows"]["input_ids"].shape[1] == longest and "attention_mask" not in batches["rows"]
+    assert 1 < batches["rows"]["input_ids"].shape[0] < len(rows)
+    assert int(batches["rows"]["position_ids"].eq(0).sum()) == len(rows)
+    assert batches["one row"]["input_ids"].shape[0] == 1
+    assert int(batches["one row"]["position_ids"].eq(0).sum()) == len(rows)
+    for layout in ("rows", "one row"):
+        assert losses[layout] == pytest.approx(losses["padded"], rel=1e-5)
+        assert torch.allclose(grads[layout], grads["padded"], atol=1e-6)
+
+
+def test_row_packing_fills_rows_first_fit_and_pads_without_new_examples():
+    collate = RowPackingCollator(pad_token_id=0)
+    batch = collate(
+        [{"input_ids": [v] * n, "labels": [v] * n} for v, n in [(1, 5), (2, 2), (3, 3), (4, 1), (5, 4)]]
+    )
+    assert batch["input_ids"].tolist() == [[1] * 5, [5, 5, 5, 5, 4], [3, 3, 3, 2, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    # Examples of one length each get a row; padding continues the positions of its row's example,
+    # so no row looks packed and attention takes its plain causal path.
+    batch = collate([{"input_ids": [7] * n, "labels": [7] * n} for n in (4, 3, 3)])
+    assert batch["input_ids"].tolist() == [[7, 7, 7, 7], [7, 7, 7, 0], [7, 7, 7, 0]]
+    assert batch["labels"].tolist() == [[-100, 7, 7, 7], [-100, 7, 7, -100], [-100, 7, 7, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
 
 
 def test_lm_blocks_stay_rows_with_packing_on():

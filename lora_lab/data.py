@@ -132,6 +132,15 @@ def batch_collator(
     return RowPackingCollator(tokenizer.pad_token_id)
 
 
+def real_tokens(batch: dict, pad_token_id: int | None) -> torch.Tensor:
+    """How many tokens of a collated batch are data, not padding. Padded batches say so in their
+    attention mask. Packed batches have none, and the pad id alone cannot tell their padding: it is
+    often the EOS token that every example ends with. Their padding is the pad id with no label."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return ((batch["input_ids"] != pad_token_id) | (batch["labels"] != IGNORE_INDEX)).sum()
+
+
 def build_task_data(
     train_rows: list[dict],
     eval_rows: list[dict],

@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lora_lab.config import TrainConfig
-from lora_lab.data import TaskData
+from lora_lab.data import TaskData, real_tokens
 from lora_lab.metrics import argmax_logits
 
 
@@ -91,6 +91,15 @@ def latest_complete_checkpoint(directory: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+# transformers 5.18 renamed gradient_checkpointing* to activation_checkpointing* (the old names warn);
+# 5.17, the oldest supported, knows only the old ones.
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
 def training_arguments(
     train: TrainConfig,
     output_dir: Path,
@@ -123,9 +132,8 @@ def training_arguments(
         use_cpu=device == "cpu",
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
-        activation_checkpointing=checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="non_padding",
+        **{CHECKPOINTING_ARG: checkpointing, f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": False}},
+        include_num_input_tokens_seen="no",  # TokenCountingTrainer counts them
         label_names=["labels"],
         ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient; the search costs a pass
         remove_unused_columns=False,
@@ -136,6 +144,17 @@ def training_arguments(
     )
 
 
+class TokenCountingTrainer(Trainer):
+    """HF's Trainer, counting the real tokens of each training batch with `data.real_tokens`: its
+    own count of packed batches, which have no attention mask, takes the pad id for padding, and
+    that is often the EOS token that ends every example."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        tokens = real_tokens(inputs, self.processing_class.pad_token_id).to(self.args.device)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 def build_trainer(
     model,
     tokenizer,
@@ -144,9 +163,8 @@ def build_trainer(
     compute_metrics,
     callbacks: list[TrainerCallback],
 ) -> Trainer:
-    return Trainer(
+    return TokenCountingTrainer(
         model=model,
-        # Packed batches carry no attention mask: the Trainer tells their padding by the pad id.
         processing_class=tokenizer,
         args=args,
         train_dataset=data.train,

@@ -11,7 +11,7 @@ from conftest import SMALL_EVAL, cli, compose, train_run
 
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import AdapterConfig, ConfigError, validate
-from lora_lab.data import IGNORE_INDEX, RowPackingCollator, build_task_data, longest_batch
+from lora_lab.data import IGNORE_INDEX, RowPackingCollator, build_task_data, longest_batch, real_tokens
 from lora_lab.models import load_model
 from lora_lab.speed import MIN_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
 from lora_lab.tasks import load_rows
@@ -71,6 +71,22 @@ def test_row_packing_fills_rows_first_fit_and_pads_without_new_examples():
     assert batch["input_ids"].tolist() == [[7, 7, 7, 7], [7, 7, 7, 0], [7, 7, 7, 0]]
     assert batch["labels"].tolist() == [[-100, 7, 7, 7], [-100, 7, 7, -100], [-100, 7, 7, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
+
+
+def test_real_tokens_count_eos_when_it_is_also_the_pad_token():
+    """Llama 3, Mistral and Qwen base tokenizers pad with EOS, which ends every SFT example: a count
+    by the pad id would drop one token per example from packed batches."""
+    run = validate(compose(["task=sort"]))
+    _, tokenizer = load_model(run.model, run.quant, [], "cpu")
+    tokenizer.pad_token = tokenizer.eos_token
+    train_rows, _ = load_rows(run.task)
+    counts = {}
+    for packing, attn in [(False, "sdpa"), (True, "sdpa"), (True, "flex_attention")]:
+        data = build_task_data(train_rows[:16], train_rows[:2], "sft", tokenizer, 64, packing, attn)
+        batch = data.collator([data.train[i] for i in range(16)])
+        counts[packing, attn] = int(real_tokens(batch, tokenizer.pad_token_id))
+    lengths = sum(len(ids) for ids in data.train["input_ids"])
+    assert set(counts.values()) == {lengths}, counts
 
 
 def test_lm_blocks_stay_rows_with_packing_on():

@@ -117,9 +117,19 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterConfig, kind: str) ->
             adapter.target_modules,
             f"matches no layer of this {model.config.model_type} model",
         ) from None
+    keep_trainable_in_fp32(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
     return peft_model
+
+
+def keep_trainable_in_fp32(model: PeftModel) -> None:
+    """Every trainable parameter in fp32. PEFT upcasts the LoRA weights, but a classifier's new head
+    (modules_to_save) is a copy in the base's bf16 or fp16: in bf16 small updates round away, and in
+    fp16 the grad scaler refuses its gradients. Autocast runs the head in the compute dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def load_adapter(model: PreTrainedModel, source: str, trainable: bool) -> PeftModel:
@@ -152,6 +162,7 @@ def load_adapter(model: PreTrainedModel, source: str, trainable: bool) -> PeftMo
             source,
             f"made for another base model ({config.base_model_name_or_path}): {str(e).splitlines()[-1].strip()}",
         ) from None
+    keep_trainable_in_fp32(peft_model)
     log.info(
         "adapter from %s (r=%s, alpha=%s, base %s)",
         source,

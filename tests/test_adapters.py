@@ -84,3 +84,25 @@ def test_bert_attn_and_mlp_presets_do_not_overlap():
 
 def test_lm_head_is_never_adapted_by_all_linear():
     assert "lm_head" not in {s.split(".")[-1] for s in adapted_suffixes(llama(), "all-linear")}
+
+
+def test_a_classifier_head_on_a_bf16_base_trains_in_fp32(tmp_path):
+    """PEFT copies the new head in the base's dtype: in bf16 small updates would round away."""
+    from conftest import compose, train_run
+
+    from lora_lab.adapters import attach_adapter
+    from lora_lab.config import validate
+    from lora_lab.models import load_model
+
+    overrides = ["task=sentiment", "quant.compute_dtype=bfloat16"]
+    run = validate(compose(overrides))
+    base, _ = load_model(run.model, run.quant, run.task.labels, "cpu")
+    model = attach_adapter(base, run.adapter, "seq_cls")
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    # and it trains under bf16 autocast, fp32 head on bf16 hidden states
+    metrics = train_run(
+        [*overrides, "train.max_steps=4", "train.eval_steps=4", "task.max_eval_samples=16"], tmp_path
+    )
+    assert metrics["train/steps"] == 4 and metrics["eval/loss"] > 0

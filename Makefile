@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines take the CPU build of torch pinned in constraints/cpu.txt; machines with an
-# NVIDIA driver get the default (CUDA) build.
-CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
+# NVIDIA driver get the default (CUDA) build and the `gpu` extra (liger-kernel).
+HAS_NVIDIA := $(shell command -v nvidia-smi 2>/dev/null)
+CONSTRAINTS ?= $(if $(HAS_NVIDIA),,-c constraints/cpu.txt)
+COMMA := ,
+EXTRAS ?= test$(if $(HAS_NVIDIA),$(COMMA)gpu)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test test-fast lint bench clean
+.PHONY: help install demo test test-gpu test-fast lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,7 +21,7 @@ help:  ## list the targets
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(BIN)/.installed  ## create .venv and install lora_lab with its test extras
@@ -28,6 +31,9 @@ demo: install  ## a real training run of the embedded default (tiny model, built
 
 test: install  ## the full test suite (offline, CPU)
 	$(BIN)/python -m pytest -q -ra
+
+test-gpu: install  ## the GPU tests, on a CUDA machine (make test hides the GPU)
+	LORA_LAB_TEST_GPU=1 $(BIN)/python -m pytest -q -ra -m gpu
 
 test-fast: install  ## the suite without the slow multi-run tests
 	$(BIN)/python -m pytest -q -ra -m "not slow"
@@ -44,6 +50,7 @@ bench: install  ## benchmarks: the GPU shapes of docs/benchmarks.md on a CUDA ma
 		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant nf4 --batch 8 --seq 2048 && \
 		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --seq 2048 && \
 		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --seq 2048 --workload varlen && \
+		$(BIN)/python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --seq 2048 --workload varlen --attn flex_attention && \
 		$(BIN)/python -m lora_lab.bench loftq --shape llama-8b --rank 16 --iters 1 5; \
 	else \
 		$(BIN)/python -m lora_lab.bench train --shape cpu-small --quant nf4 --batch 4 --seq 256 --steps 6 && \

@@ -16,6 +16,10 @@ CONF_DIR = ROOT / "conf"
 os.environ.update(
     {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 )
+# The suite tests the CPU paths on any machine: on a GPU machine, train.device=auto would send its
+# runs to CUDA, where they test something else. `make test-gpu` runs the GPU tests with the GPU.
+if os.environ.get("LORA_LAB_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session", autouse=True)

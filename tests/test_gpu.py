@@ -1,6 +1,9 @@
-"""GPU-only paths: run on a CUDA machine (`pytest -m gpu`), skipped elsewhere."""
+"""GPU-only paths: `make test-gpu` on a CUDA machine; skipped elsewhere, and in `make test`, which
+hides the GPU so that the rest of the suite tests the CPU paths."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from conftest import SMALL_EVAL, cli, read_metrics, train_run
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu)"),
 ]
 
 
@@ -38,6 +41,38 @@ def test_default_run_trains_in_bf16_on_the_gpu(tmp_path):
     metrics = train_run([*SMALL_EVAL, "train.max_steps=200", "train.eval_steps=200"], tmp_path)
     assert metrics["eval/token_accuracy"] > 0.5
     assert 0 < metrics["memory/peak_gib"] < 2  # CUDA peak allocated, not the host's RSS
+    assert metrics["train/liger"] == float(importlib.util.find_spec("liger_kernel") is not None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs lora_lab[gpu]")
+def test_liger_gives_the_plain_loss_and_patches_only_its_own_model(random_llama):
+    """Liger's loss matches the model's own; and Liger, which swaps classes and functions in the
+    architecture's transformers module, leaves that module as it was for the next model."""
+    from conftest import compose
+    from transformers.models.llama import modeling_llama
+
+    from lora_lab.adapters import attach_adapter
+    from lora_lab.config import validate
+    from lora_lab.models import load_model
+    from lora_lab.speed import apply_speed_switches
+
+    originals = dict(vars(modeling_llama))
+    run = validate(compose([f"model.name_or_path={random_llama}", "adapter.dropout=0"]))
+    ids = torch.randint(0, 320, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    losses, grads = {}, {}
+    for liger in (False, True):
+        model, _ = load_model(run.model, run.quant, [], "cuda")
+        model = attach_adapter(model, run.adapter, "causal_lm")
+        assert apply_speed_switches(model, liger, False, "causal_lm", "cuda")["liger"] is liger
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses[liger] = loss.item()
+        grads[liger] = model.base_model.model.model.layers[0].mlp.down_proj.lora_B.default.weight.grad.float()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+    assert torch.allclose(grads[True], grads[False], rtol=0.05, atol=1e-4)
+    assert {k: v for k, v in vars(modeling_llama).items() if originals.get(k) is not v} == {}
 
 
 @pytest.mark.parametrize("init", ["gaussian", "loftq"])
@@ -51,10 +86,11 @@ def test_random_llama_in_nf4_trains_on_the_gpu(tmp_path, random_llama, init):
             "train.max_steps=30",
             "train.eval_steps=30",
             "train.lr=1e-3",
+            "train.eval_on_start=true",
         ],
         tmp_path,
     )
-    assert metrics["eval/loss"] < 7.0 and metrics["train/steps"] == 30
+    assert metrics["eval/loss"] < metrics["baseline/loss"] and metrics["train/steps"] == 30
     rows = __import__("json").loads((tmp_path / "quant_error.json").read_text())
     assert rows and (init != "loftq" or all(r["loftq_rel_err"] < r["qlora_rel_err"] for r in rows))
 

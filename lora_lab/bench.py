@@ -28,6 +28,7 @@ from datetime import date
 
 import torch
 
+from lora_lab.data import batch_collator, batch_to, skips_cross_example_attention
 from lora_lab.loftq import QuantSpec, loftq_layer
 from lora_lab.speed import checkpointing_needed
 
@@ -200,7 +201,7 @@ def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, collat
             ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
             features.append({"input_ids": ids, "attention_mask": [1] * n, "labels": ids})
         collated = collator(features)
-        yield {key: value.to(device) for key, value in collated.items()}, sum(lengths)
+        yield batch_to(collated, device), sum(lengths)
 
 
 def peer_model(path: str, quant: str, device: str):
@@ -292,8 +293,6 @@ def bench_train(
     import tempfile
 
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithFlattening
-
-    from lora_lab.data import batch_collator, skips_cross_example_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []

@@ -132,6 +132,11 @@ def batch_collator(
     return RowPackingCollator(tokenizer.pad_token_id)
 
 
+def batch_to(batch: dict, device) -> dict:
+    """A collated batch on `device`. Flash-attention batches also carry plain ints (max_length_q/k)."""
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
 def real_tokens(batch: dict, pad_token_id: int | None) -> torch.Tensor:
     """How many tokens of a collated batch are data, not padding. Padded batches say so in their
     attention mask. Packed batches have none, and the pad id alone cannot tell their padding: it is

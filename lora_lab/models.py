@@ -41,10 +41,15 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str) -> str:
+    """cpu or cuda. On cuda the process's own GPU (LOCAL_RANK under torchrun / accelerate) becomes
+    the current device before anything runs, so that memory statistics and the checkpointing probe
+    read the GPU that holds this process's model."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device", device, "no CUDA device is visible; use train.device=cpu or auto")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return device
 
 
@@ -183,8 +188,8 @@ def load_model(
     kwargs = {
         "dtype": compute_dtype,
         "quantization_config": quantization_config(quant, compute_dtype),
-        # Under torchrun / accelerate each process loads its copy onto its own GPU.
-        "device_map": {"": f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == "cuda" else device},
+        # Under torchrun / accelerate each process loads its copy onto its own (current) GPU.
+        "device_map": {"": torch.cuda.current_device() if device == "cuda" else device},
         "trust_remote_code": model_cfg.trust_remote_code,
         "attn_implementation": model_cfg.attn_implementation,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_utils import unwrap_peft_model
 
 from lora_lab.config import ConfigError
-from lora_lab.data import IGNORE_INDEX
+from lora_lab.data import IGNORE_INDEX, batch_to
 
 # Architectures whose training logits are exactly lm_head(decoder output): no soft-capping or
 # logit scaling that a fused loss would skip.
@@ -24,15 +25,45 @@ PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 MIN_CHUNK_ROWS = 256
 
 
-def use_liger(setting: bool | str, device: str) -> bool:
-    """Liger's kernels are Triton kernels: CUDA only."""
-    installed = importlib.util.find_spec("liger_kernel") is not None
-    if setting == "auto":
-        return device == "cuda" and installed
-    if setting is True and (device != "cuda" or not installed):
-        need = "a CUDA device" if device != "cuda" else "liger-kernel (pip install 'lora_lab[gpu]')"
-        raise ConfigError("train.liger", setting, f"liger kernels need {need}; use auto or false")
-    return setting
+def use_liger(setting: bool | str, model, model_kind: str, device: str) -> bool:
+    """Liger's kernels are Triton kernels (CUDA only) that replace a causal LM's forward: they fit
+    the architectures Liger lists, and no classifier."""
+    if setting is False:
+        return False
+    if model_kind != "causal_lm":
+        obstacle = "they apply to causal-LM tasks only (Liger replaces the causal LM's forward)"
+    elif device != "cuda":
+        obstacle = "they need a CUDA device"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        obstacle = "they need liger-kernel (pip install 'lora_lab[gpu]')"
+    else:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        model_type = unwrap_peft_model(model).config.model_type
+        if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            return True
+        obstacle = f"liger-kernel has no kernels for model type {model_type!r}"
+    if setting is True:
+        raise ConfigError(
+            "train.liger", setting, f"Liger's kernels cannot run here: {obstacle}; use auto or false"
+        )
+    return False
+
+
+def apply_liger(model) -> None:
+    """Liger's kernels on this model instance only. Liger also swaps names in the architecture's
+    transformers module (its RMSNorm and MLP classes, the RoPE function), which every later model of
+    the process would pick up: a sweep's next trial with liger off would still run them, on CPU
+    tensors too. Those names are put back. RoPE is left out, since attention looks it up in that
+    module at every call; RMSNorm, SwiGLU and the fused loss are patched on the instance."""
+    from transformers.integrations.liger import apply_liger_kernel
+
+    module = vars(sys.modules[type(unwrap_peft_model(model)).__module__])
+    before = dict(module)
+    try:
+        apply_liger_kernel(model, {"rope": False})
+    finally:
+        module.update(before)
 
 
 def use_fused_loss(setting: bool | str, model, model_kind: str, liger: bool) -> bool:
@@ -109,12 +140,10 @@ def apply_speed_switches(
 ) -> dict[str, bool]:
     """Turn on the kernels the settings and the machine allow; returns what is on. Applied before
     the checkpointing probe, so that it measures the step that will run."""
-    on = {"liger": use_liger(liger, device)}
+    on = {"liger": use_liger(liger, model, model_kind, device)}
     on["fused_loss"] = use_fused_loss(fused_loss, model, model_kind, on["liger"])
     if on["liger"]:
-        from transformers.integrations.liger import apply_liger_kernel
-
-        apply_liger_kernel(model, None)
+        apply_liger(model)
     if on["fused_loss"]:
         fuse_causal_lm_loss(model)
     return on
@@ -127,7 +156,7 @@ def checkpointing_needed(model, batch: dict, device: str, compute_dtype: torch.d
     constraint: off. Call it after the other switches: a fused loss changes what a step needs."""
     if device != "cuda":
         return False
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+    batch = batch_to(batch, model.device)
     was_training = model.training
     model.train()
     torch.cuda.reset_peak_memory_stats()
@@ -141,6 +170,4 @@ def checkpointing_needed(model, batch: dict, device: str, compute_dtype: torch.d
         model.train(was_training)
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        # The probe's peak is not the run's: memory/peak_gib measures training from here.
-        torch.cuda.reset_peak_memory_stats()
     return peak > 0.85 * torch.cuda.get_device_properties(model.device).total_memory

@@ -114,7 +114,6 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         device = resolve_device(run.train.device)
         compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
         transformers.set_seed(run.train.seed)
-        reset_peak_memory(device)
 
         train_rows, eval_rows = load_rows(task)
         model, tokenizer = load_model(run.model, run.quant, task.labels, device)
@@ -164,12 +163,14 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         trainer = build_trainer(
             model, tokenizer, data, args, step_metrics_fn(task.kind, task.metrics), callbacks
         )
+        reset_peak_memory(device)  # the peak of training and evaluation, not of loading or the probe
         if run.train.max_steps != 0:  # 0: evaluate an existing adapter (adapter.init_from) only
             trainer.train(resume_from_checkpoint=resume_checkpoint(run.train.resume, run_dir / "checkpoints"))
         if pruning is not None:
             pruning.raise_if_pruned()
 
         metrics = named_eval_metrics(trainer.evaluate(), "eval")
+        peak_gib = peak_memory_gib(device)
         if "perplexity" in task.metrics:
             add_perplexity(metrics)
         if "exact_match" in task.metrics:
@@ -192,7 +193,7 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             "train/liger": float(kernels["liger"]),
             "train/fused_loss": float(kernels["fused_loss"]),
             "speed/tokens_per_second": measurements.tokens_per_second,
-            "memory/peak_gib": peak_memory_gib(device),
+            "memory/peak_gib": peak_gib,
             "time/train_seconds": measurements.train_seconds,
             "time/wall_seconds": time.perf_counter() - started,
         }

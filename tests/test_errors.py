@@ -28,6 +28,7 @@ BAD_INPUTS = [
     (["model=llama3_8b"], ["model.name_or_path='meta-llama/Llama-3.1-8B'", "Hub"]),
     (["task=gsm8k"], ["task.dataset='openai/gsm8k'", "could not load"]),
     (["train.fused_loss=maybe"], ["train.fused_loss='maybe'", "auto, true or false"]),
+    (["task=sentiment", "train.liger=true"], ["train.liger=True", "causal-LM tasks only", "auto or false"]),
     (
         ["adapter.target_modules=[q_proj,lm_head]", "train.fused_loss=true"],
         ["train.fused_loss=True", "lora.layer.Linear", "plain torch.nn.Linear", "auto or false"],

@@ -11,7 +11,15 @@ from conftest import SMALL_EVAL, cli, compose, train_run
 
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import AdapterConfig, ConfigError, validate
-from lora_lab.data import IGNORE_INDEX, RowPackingCollator, build_task_data, longest_batch, real_tokens
+from lora_lab.data import (
+    IGNORE_INDEX,
+    RowPackingCollator,
+    batch_collator,
+    batch_to,
+    build_task_data,
+    longest_batch,
+    real_tokens,
+)
 from lora_lab.models import load_model
 from lora_lab.speed import MIN_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
 from lora_lab.tasks import load_rows
@@ -73,6 +81,14 @@ def test_row_packing_fills_rows_first_fit_and_pads_without_new_examples():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
 
 
+def test_a_flash_attention_batch_moves_to_a_device_with_its_int_lengths():
+    collate = batch_collator("sft", None, True, "flash_attention_2")
+    batch = batch_to(
+        collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]), "cpu"
+    )
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4] and batch["max_length_q"] == 3
+
+
 def test_real_tokens_count_eos_when_it_is_also_the_pad_token():
     """Llama 3, Mistral and Qwen base tokenizers pad with EOS, which ends every SFT example: a count
     by the pad id would drop one token per example from packed batches."""
@@ -126,9 +142,15 @@ def test_compiled_training_matches_eager(tmp_path):
 def test_liger_is_refused_clearly_where_it_cannot_run():
     from lora_lab.speed import use_liger
 
-    assert use_liger("auto", "cpu") is False  # auto never turns it on without CUDA
+    run = validate(compose([]))
+    model, _ = load_model(run.model, run.quant, [], "cpu")
+    assert use_liger("auto", model, "causal_lm", "cpu") is False  # auto never turns it on without CUDA
     with pytest.raises(ConfigError, match="train.liger=True.*CUDA"):
-        use_liger(True, "cpu")
+        use_liger(True, model, "causal_lm", "cpu")
+    # Liger replaces a causal LM's forward: a classifier has none to replace, on any device.
+    assert use_liger("auto", model, "seq_cls", "cuda") is False
+    with pytest.raises(ConfigError, match="train.liger=True.*causal-LM tasks only"):
+        use_liger(True, model, "seq_cls", "cuda")
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):

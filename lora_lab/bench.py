@@ -28,6 +28,7 @@ from datetime import date
 
 import torch
 
+from lora_lab.config import exit_on_config_error
 from lora_lab.data import batch_collator, batch_to, skips_cross_example_attention
 from lora_lab.loftq import QuantSpec, loftq_layer
 from lora_lab.speed import checkpointing_needed
@@ -169,15 +170,19 @@ def save_random_llama(shape: str, directory: str, device: str) -> str:
     return directory
 
 
-def flops_per_token(config, seq: int, checkpointing: bool) -> float:
-    """Matmul FLOPs per trained token with a frozen base: forward, the backward's input gradients
-    (about one more forward; the frozen weights need none), and a recomputed forward with
-    checkpointing. Causal attention adds 2 * layers * seq * hidden per forward."""
+def flops_per_token(config, attention_span: float, checkpointing: bool) -> float:
+    """Matmul FLOPs per trained token with a frozen base. The linear layers: a forward and the
+    backward's input gradients (about one more forward; frozen weights need no weight gradients),
+    and with checkpointing one more forward of the decoder layers (transformers does not recompute
+    the output head). Causal attention over a span of n tokens: 2 * layers * n * hidden forward,
+    twice that backward (both of its operands are activations), once more with checkpointing."""
     d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     kv = d * config.num_key_value_heads // config.num_attention_heads
-    params = layers * (2 * d * d + 2 * d * kv + 3 * d * inter) + d * config.vocab_size
-    forward = 2 * params + 2 * layers * seq * d
-    return forward * (3 if checkpointing else 2)
+    decoder = 2 * layers * (2 * d * d + 2 * d * kv + 3 * d * inter)
+    head = 2 * d * config.vocab_size
+    attention = 2 * layers * attention_span * d
+    recompute = decoder + attention if checkpointing else 0
+    return 2 * (decoder + head) + 3 * attention + recompute
 
 
 def varlen_lengths(count: int, max_len: int, generator: torch.Generator) -> list[int]:
@@ -187,13 +192,13 @@ def varlen_lengths(count: int, max_len: int, generator: torch.Generator) -> list
 
 
 def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, collator, device: str):
-    """(batch, real tokens) for each step. varlen examples go through `collator`: lora_lab's
+    """(batch, example lengths) for each step. varlen examples go through `collator`: lora_lab's
     training collator (packed or padded), so that the bench times the batches training builds."""
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         if workload == "fixed":
             ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-            yield {"input_ids": ids.to(device), "labels": ids.to(device)}, batch * seq
+            yield {"input_ids": ids.to(device), "labels": ids.to(device)}, [seq] * batch
             continue
         lengths = varlen_lengths(batch, seq, generator)
         features = []
@@ -201,7 +206,7 @@ def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, collat
             ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
             features.append({"input_ids": ids, "attention_mask": [1] * n, "labels": ids})
         collated = collator(features)
-        yield batch_to(collated, device), sum(lengths)
+        yield batch_to(collated, device), lengths
 
 
 def peer_model(path: str, quant: str, device: str):
@@ -253,27 +258,29 @@ def enable_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-def time_training(model, batches, device: str, warmup: int) -> tuple[float, float]:
-    """(tokens per second over the timed steps, peak GiB) of fwd + bwd + fused AdamW steps."""
+def time_training(model, batches, device: str, warmup: int) -> tuple[float, float, float]:
+    """Of fwd + bwd + fused AdamW steps: tokens per second over the timed steps, peak GiB, and the
+    mean causal-attention span of a token (its example's length), for the FLOP count."""
     model.train()  # checkpointing and the fused loss act in training mode only
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokens, start = 0, 0.0
-    for step, (batch, real_tokens) in enumerate(batches):
+    tokens, squares, start = 0, 0, 0.0
+    for step, (batch, lengths) in enumerate(batches):
         if step == warmup:
             _sync(device)
-            start, tokens = time.perf_counter(), 0
+            start, tokens, squares = time.perf_counter(), 0, 0
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += real_tokens
+        tokens += sum(lengths)
+        squares += sum(n * n for n in lengths)
     _sync(device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return tokens / (time.perf_counter() - start), peak
+    return tokens / (time.perf_counter() - start), peak, squares / tokens
 
 
 def bench_train(
@@ -324,9 +331,9 @@ def bench_train(
                 if uses_checkpointing:
                     enable_checkpointing(model)
             batches = _batches(workload, batch, seq, steps, config.vocab_size, collator, device)
-            tokens_per_second, peak = time_training(model, batches, device, warmup=min(2, steps - 1))
+            tokens_per_second, peak, span = time_training(model, batches, device, warmup=min(2, steps - 1))
             mfu = (
-                tokens_per_second * flops_per_token(config, seq, uses_checkpointing) / (peak_tflops * 1e12)
+                tokens_per_second * flops_per_token(config, span, uses_checkpointing) / (peak_tflops * 1e12)
                 if device == "cuda"
                 else None
             )
@@ -347,6 +354,10 @@ def bench_train(
     for row in rows:
         row["ratio"] = row["tokens_per_second"] / rows[0]["tokens_per_second"]
     return rows
+
+
+# --liger / --fused-loss: the values train.liger / train.fused_loss take
+SWITCH = {"auto": "auto", "true": True, "false": False}
 
 
 def main() -> None:
@@ -382,15 +393,18 @@ def main() -> None:
         default="sdpa",
         help="lora_lab's attention: sdpa, flex_attention (packed block masks), flash_attention_2",
     )
-    switch = {"auto": "auto", "true": True, "false": False}
     for name in ("liger", "fused-loss"):
         train.add_argument(
-            f"--{name}", choices=switch, default="auto", help=f"lora_lab's train.{name.replace('-', '_')}"
+            f"--{name}", choices=SWITCH, default="auto", help=f"lora_lab's train.{name.replace('-', '_')}"
         )
     train.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak, for MFU")
     train.add_argument("--out", default=None)
     args = parser.parse_args()
+    with exit_on_config_error():
+        run_benchmark(args)
 
+
+def run_benchmark(args: argparse.Namespace) -> None:
     if args.bench == "train":
         rows = bench_train(
             args.shape,
@@ -402,8 +416,8 @@ def main() -> None:
             args.checkpointing,
             args.attn,
             args.peak_tflops,
-            switch[args.liger],
-            switch[args.fused_loss],
+            SWITCH[args.liger],
+            SWITCH[args.fused_loss],
         )
         print(
             f"# training, {args.shape} {args.quant}, batch {args.batch} x seq {args.seq} ({args.workload}), on {machine()}, {date.today()}"

@@ -5,8 +5,10 @@ Every check raises `ConfigError` with one line naming the key, the bad value and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,17 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, valid: str):
         self.key, self.value, self.valid = key, value, valid
         super().__init__(f"{key}={value!r} is invalid: {valid}")
+
+
+@contextlib.contextmanager
+def exit_on_config_error():
+    """For the command-line tools: a ConfigError ends the command with its one line and exit
+    status 2, without a traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 MODEL_KINDS = ("causal_lm", "seq_cls")

@@ -16,7 +16,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 
-from lora_lab.config import ConfigError
+from lora_lab.config import exit_on_config_error
 from lora_lab.loftq import dequantized_weight
 from lora_lab.models import resolve_compute_dtype
 from lora_lab.runs import load_run
@@ -106,10 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or args.run_dir / "merged"
     try:
-        difference = export(args.run_dir, out, args.device, args.tolerance)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_config_error():
+            difference = export(args.run_dir, out, args.device, args.tolerance)
     except MergeMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -7,12 +7,11 @@ python -m lora_lab.generate <classification run> "the film was superb" "the food
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from lora_lab.config import ConfigError
+from lora_lab.config import exit_on_config_error
 from lora_lab.metrics import generate_responses
 from lora_lab.runs import load_run
 
@@ -36,11 +35,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
-    try:
+    with exit_on_config_error():
         model, tokenizer, run = load_run(args.run_dir, args.device)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if run.model.kind == "seq_cls":
         for text, (label, probability) in zip(
             args.texts, classify(model, tokenizer, args.texts, run.task.labels), strict=True

@@ -256,7 +256,8 @@ def plot_vs_param(rows, param, names, dirs, title, path: Path) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(float(v))))
         ax.set(xlabel=PARAM_LABELS.get(param, param), ylabel=metric_label(name, direction))
         ax.set_title(f"{title}: {name} vs {param}")
-        ax.legend(fontsize=9)
+        if ax.get_legend_handles_labels()[0]:  # a sweep whose trials all failed has no points
+            ax.legend(fontsize=9)
     _save(fig, path, rows)
 
 

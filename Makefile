@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test test-gpu test-fast lint bench clean
+.PHONY: help install demo test test-gpu test-oldest test-fast lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,13 @@ test: install  ## the full test suite (offline, CPU)
 
 test-gpu: install  ## the GPU tests, on a CUDA machine (make test hides the GPU)
 	LORA_LAB_TEST_GPU=1 $(BIN)/python -m pytest -q -ra -m gpu
+
+test-oldest:  ## the training tests on the oldest supported transformers / PEFT / accelerate (the GPU image's)
+	$(PYTHON) -m venv $(VENV)-oldest
+	$(VENV)-oldest/bin/pip install -q --upgrade pip
+	$(VENV)-oldest/bin/pip install -q -c constraints/oldest.txt -e ".[test]"
+	$(VENV)-oldest/bin/python -m pytest -q -ra -m "not slow" \
+		tests/test_train.py tests/test_adapters.py tests/test_speed.py tests/test_lifecycle.py tests/test_loftq.py
 
 test-fast: install  ## the suite without the slow multi-run tests
 	$(BIN)/python -m pytest -q -ra -m "not slow"

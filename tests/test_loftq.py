@@ -11,7 +11,14 @@ from conftest import compose, train_run
 
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import validate
-from lora_lab.loftq import adapted_4bit_layers, loftq_initialise, quant_error_report
+from lora_lab.loftq import (
+    QuantSpec,
+    adapted_4bit_layers,
+    loftq_initialise,
+    loftq_layer,
+    quant_error_report,
+    randomized_svd,
+)
 from lora_lab.models import CheckpointReader, load_model, model_dir
 
 
@@ -93,6 +100,29 @@ def test_randomized_and_exact_svd_agree_within_one_percent():
     _, _, exact = loftq_model("minilm", "adapter.r=8", "adapter.loftq_iter=2", "adapter.loftq_svd=exact")
     for name, row in exact.items():
         assert randomized[name]["loftq_rel_err"] == pytest.approx(row["loftq_rel_err"], rel=0.01)
+
+
+def test_randomized_svd_owes_nothing_to_the_device_generator():
+    """Its sketch comes from its own CPU generator, so a backbone recomputed on another device (a run
+    reloaded without its cache) is the one its adapter trained on: the global (device) RNG's state
+    must not matter. And it is as accurate as torch.svd_lowrank, whose algorithm it follows."""
+    generator = torch.Generator().manual_seed(3)
+    # a decaying spectrum, as trained weights have: low-rank structure plus noise
+    weight = torch.randn(384, 16, generator=generator) @ torch.randn(16, 128, generator=generator) / 4
+    weight += 0.1 * torch.randn(384, 128, generator=generator)
+    spec = QuantSpec()
+    inits = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        inits.append(loftq_layer(weight, spec, rank=8, iterations=2, svd="randomized"))
+    assert torch.equal(inits[0].packed_weight, inits[1].packed_weight)
+    assert torch.equal(inits[0].left, inits[1].left) and torch.equal(inits[0].right, inits[1].right)
+    for matrix in (weight, weight.T):  # tall and wide
+        u, s, v = randomized_svd(matrix, 40)
+        _, s_lowrank, _ = torch.svd_lowrank(matrix, q=40, niter=4)
+        assert u.shape == (matrix.shape[0], 40) and v.shape == (matrix.shape[1], 40)
+        assert torch.allclose(s[:8], torch.linalg.svdvals(matrix)[:8], rtol=1e-3)
+        assert torch.allclose(s[:8], s_lowrank[:8], rtol=1e-3)
 
 
 def test_loftq_model_outputs_are_closer_to_full_precision_than_qlora():

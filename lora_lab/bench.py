@@ -193,7 +193,8 @@ def varlen_lengths(count: int, max_len: int, generator: torch.Generator) -> list
 
 def _batches(workload: str, batch: int, seq: int, steps: int, vocab: int, collator, device: str):
     """(batch, example lengths) for each step. varlen examples go through `collator`: lora_lab's
-    training collator (packed or padded), so that the bench times the batches training builds."""
+    training collator (packed or padded), so that the bench times the batches training builds;
+    fixed-length batches need none."""
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         if workload == "fixed":
@@ -307,12 +308,11 @@ def bench_train(
         path = save_random_llama(shape, directory, device)
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        padded = batch_collator("sft", tokenizer, False, attn)
-        if workload == "fixed":
-            recipes = [("peer", padded), ("lora_lab", padded)]
+        if workload == "fixed":  # equal lengths, made as batches: no collator
+            recipes = [("peer", None), ("lora_lab", None)]
         else:
             recipes = [
-                ("lora_lab padded", padded),
+                ("lora_lab padded", batch_collator("sft", tokenizer, False, attn)),
                 ("lora_lab packed", batch_collator("sft", tokenizer, True, attn)),
             ]
             if not skips_cross_example_attention(attn):  # what one row would cost this kernel

@@ -149,9 +149,8 @@ class TrainConfig:
     # auto: on CUDA, measured: on when one step of the longest batch without it would run out of
     # memory or come near the limit; off on CPU. Or true / false.
     gradient_checkpointing: Any = "auto"
-    packing: bool = (
-        True  # padding-free batches for SFT tasks (LM blocks have no padding; classification pads)
-    )
+    # padding-free batches for SFT tasks (LM blocks have no padding; classification pads)
+    packing: bool = True
     # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): auto = on
     # CUDA when liger-kernel is installed (`pip install lora_lab[gpu]`).
     liger: Any = "auto"

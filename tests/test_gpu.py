@@ -73,6 +73,10 @@ def test_liger_gives_the_plain_loss_and_patches_only_its_own_model(random_llama)
     assert losses[True] == pytest.approx(losses[False], rel=1e-2)
     assert torch.allclose(grads[True], grads[False], rtol=0.05, atol=1e-4)
     assert {k: v for k, v in vars(modeling_llama).items() if originals.get(k) is not v} == {}
+    # and not only since this test began: an earlier Liger run in this process left nothing either
+    assert not [
+        k for k, v in vars(modeling_llama).items() if getattr(v, "__module__", "").startswith("liger")
+    ]
 
 
 @pytest.mark.parametrize("init", ["gaussian", "loftq"])

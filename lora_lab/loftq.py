@@ -77,8 +77,9 @@ def quantize_like(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 def randomized_svd(matrix: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.svd_lowrank's algorithm (Halko, Martinsson & Tropp 2011) with its Gaussian sketch drawn
     on the CPU from a fixed seed. svd_lowrank draws it from the device's generator, so a backbone
-    recomputed on another device (a run reloaded without its LoftQ cache) came out different: in one
-    matrix 9% of the 4-bit codes, and the adapter no longer fitted it. Now only rounding differs."""
+    recomputed on another device (a run reloaded without its LoftQ cache) came out different: two
+    sketches of a test matrix gave 9% different 4-bit codes, which the adapter was not fitted to.
+    Now only rounding differs."""
     transposed = matrix.shape[0] < matrix.shape[1]
     a = matrix.mT if transposed else matrix
     sketch = torch.randn(a.shape[1], q, generator=torch.Generator().manual_seed(0))

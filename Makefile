@@ -40,7 +40,8 @@ test-oldest:  ## the training tests on the oldest supported transformers / PEFT 
 	$(VENV)-oldest/bin/pip install -q --upgrade pip
 	$(VENV)-oldest/bin/pip install -q -c constraints/oldest.txt -e ".[test]"
 	$(VENV)-oldest/bin/python -m pytest -q -ra -m "not slow" \
-		tests/test_train.py tests/test_adapters.py tests/test_speed.py tests/test_lifecycle.py tests/test_loftq.py
+		tests/test_train.py tests/test_numbers.py tests/test_adapters.py tests/test_speed.py tests/test_lifecycle.py \
+		tests/test_loftq.py
 
 test-fast: install  ## the suite without the slow multi-run tests
 	$(BIN)/python -m pytest -q -ra -m "not slow"

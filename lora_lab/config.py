@@ -6,15 +6,19 @@ Every check raises `ConfigError` with one line naming the key, the bad value and
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("lora_lab")
 
 
 class ConfigError(ValueError):
@@ -55,7 +59,7 @@ class TinyModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 128
-    vocab_size: int = 512
+    vocab_size: int = 320  # the byte-level tokenizer's 260 tokens, padded to a multiple of 64
     max_position_embeddings: int = 256
 
 
@@ -134,6 +138,8 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    # LoRA+ (Hayou et al. 2024): B's learning rate as this multiple of A's (train.lr); null = off
+    loraplus_lr_ratio: float | None = None
     lr_scheduler: str = "cosine"
     eval_steps: int = 100
     logging_steps: int = 10
@@ -228,9 +234,59 @@ def _typed(cfg: DictConfig) -> RunConfig:
         raise ConfigError(key, value, reason) from None
 
 
-def validate(cfg: DictConfig) -> RunConfig:
-    """Return the typed run config, or raise ConfigError on the first bad value."""
+# model=tiny's demo schedule (lr 3e-3, 1,200 steps, ...), sized for a model of 0.1M parameters.
+TINY_PRESET = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
+
+
+def _command_line_keys(command_line: list[str]) -> set[str]:
+    return {o.lstrip("+~").split("=", 1)[0] for o in command_line}
+
+
+def settle_schedule(run: RunConfig, command_line: list[str]) -> list[str]:
+    """Make what the user wrote on the command line win over presets' schedules; return one line
+    per value changed, saying why.
+
+    - `train.epochs` on the command line (and not `train.max_steps`) trains for those epochs:
+      a preset's max_steps (model=tiny sets 1,200) would otherwise silently override it.
+    - `model.name_or_path` without a model preset keeps the default preset, tiny, whose demo schedule
+      suits no real model: its values that nothing else set go back to the train/ defaults.
+    """
+    given = _command_line_keys(command_line)
+    notes = []
+    if run.model.name == "tiny" and run.model.name_or_path is not None:
+        tiny_schedule = OmegaConf.load(TINY_PRESET).train
+        defaults = TrainConfig()
+        reset = [
+            key
+            for key, value in tiny_schedule.items()
+            if f"train.{key}" not in given and getattr(run.train, key) == value
+        ]
+        for key in reset:
+            setattr(run.train, key, getattr(defaults, key))
+        if reset:
+            notes.append(
+                f"model.name_or_path={run.model.name_or_path} with no model preset: the tiny model's demo "
+                "schedule does not apply, using "
+                + ", ".join(f"train.{k}={getattr(run.train, k)}" for k in reset)
+                + " (set them on the command line to change them)"
+            )
+    if "train.epochs" in given and "train.max_steps" not in given and run.train.max_steps != -1:
+        notes.append(
+            f"train.epochs={run.train.epochs} from the command line: training for epochs, not the "
+            f"preset's train.max_steps={run.train.max_steps}"
+        )
+        run.train.max_steps = -1
+    return notes
+
+
+def validate(cfg: DictConfig, command_line: list[str] | None = None) -> RunConfig:
+    """Return the typed run config, or raise ConfigError on the first bad value. For a run about to
+    train, `command_line` (its overrides) settles the schedule first (`settle_schedule`, whose notes
+    are logged); None for a finished run's saved config, reloaded as it ran."""
     run = _typed(cfg)
+    if command_line is not None:
+        for note in settle_schedule(run, command_line):
+            log.warning("%s", note)
     m, a, q, t, tr = run.model, run.adapter, run.quant, run.task, run.train
 
     _choice("model.kind", m.kind, MODEL_KINDS)
@@ -314,6 +370,12 @@ def validate(cfg: DictConfig) -> RunConfig:
     if not 0.0 <= tr.warmup_ratio < 1.0:
         raise ConfigError("train.warmup_ratio", tr.warmup_ratio, "must be in [0, 1)")
     _positive("train.weight_decay", tr.weight_decay, allow_zero=True)
+    if tr.loraplus_lr_ratio is not None and not tr.loraplus_lr_ratio >= 1:
+        raise ConfigError(
+            "train.loraplus_lr_ratio",
+            tr.loraplus_lr_ratio,
+            "B's learning rate as a multiple of A's: a number >= 1 (the LoRA+ paper uses 16), or null for off",
+        )
     _choice("train.lr_scheduler", tr.lr_scheduler, SCHEDULERS)
     _choice("train.device", tr.device, DEVICES)
     for key in ("gradient_checkpointing", "liger", "fused_loss"):

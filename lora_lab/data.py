@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
 )
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -28,18 +31,39 @@ class TaskData:
 
 
 def tokenize_sft(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """Prompt + response + EOS; the loss is on the response tokens only."""
-    examples = []
+    """Prompt + response + EOS; the loss is on the response tokens only.
+
+    The pair is tokenised as one text, as the model will read it, and the response's tokens are
+    those that start at or after the prompt's end: tokenising the response on its own gives
+    SentencePiece tokenizers a stray word-start token ("▁") that never occurs in the joined text.
+    Examples cut by max_length are counted and logged."""
+    examples, cut = [], 0
     for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
+        prompt, response = row["prompt"], row["response"]
+        encoded = tokenizer(prompt + response, add_special_tokens=True, return_offsets_mapping=True)
+        boundary = len(prompt)
+        # A token that straddles the boundary (a merge across it) belongs to the prompt.
+        labels = [
+            token if start >= boundary and end > start else IGNORE_INDEX
+            for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
         ]
-        input_ids = (prompt + response)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+        input_ids = encoded["input_ids"] + [tokenizer.eos_token_id]
+        labels.append(tokenizer.eos_token_id)
+        if len(input_ids) > max_length:
+            cut += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
             continue  # the prompt alone fills max_length: nothing to learn from this row
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    if cut:
+        log.warning(
+            "%d of %d examples are longer than task.max_length=%d and were cut (%d left with no "
+            "response token, dropped): raise task.max_length to train on whole responses",
+            cut,
+            len(rows),
+            max_length,
+            len(rows) - len(examples),
+        )
     return Dataset.from_list(examples)
 
 

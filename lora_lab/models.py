@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.pytorch_utils import Conv1D
 
 from lora_lab.config import ConfigError, ModelConfig, QuantConfig, TinyModelConfig
 
@@ -86,8 +87,14 @@ def build_tiny_model(tiny: TinyModelConfig) -> Path:
         return target
     log.info("building the tiny model into %s", target)
     tokenizer = byte_level_tokenizer()
+    if tiny.vocab_size < len(tokenizer):
+        raise ConfigError(
+            "model.tiny.vocab_size",
+            tiny.vocab_size,
+            f"must be at least {len(tokenizer)}, the tokenizer's size",
+        )
     config = LlamaConfig(
-        vocab_size=-(-len(tokenizer) // 64) * 64,
+        vocab_size=tiny.vocab_size,
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
         num_hidden_layers=tiny.num_layers,
@@ -168,14 +175,19 @@ class CheckpointReader:
                 self.files = dict.fromkeys(f.keys(), single)
         self.prefix = base_model_prefix
 
-    def weight(self, module_name: str) -> torch.Tensor:
-        """The weight of a module, named as in the loaded model; checkpoints of a bare base model
-        (a BERT encoder for a classifier) lack the `bert.` prefix, others may add one."""
+    def weight(self, module_name: str, layer: torch.nn.Module) -> torch.Tensor:
+        """The weight of a module, named as in the loaded model, as (out, in) like the loaded `layer`
+        computes with it: GPT-2's Conv1D checkpoints store (in, out), and a square one would pass
+        unnoticed (transformers records the class a quantized layer replaced as `source_cls`).
+        Checkpoints of a bare base model (a BERT encoder for a classifier) lack the `bert.` prefix,
+        others may add one."""
         key = f"{module_name}.weight"
         for candidate in (key, key.removeprefix(f"{self.prefix}."), f"{self.prefix}.{key}"):
             if candidate in self.files:
                 with safe_open(self.files[candidate], "pt") as f:
-                    return f.get_tensor(candidate)
+                    weight = f.get_tensor(candidate)
+                conv1d = issubclass(getattr(layer, "source_cls", type(layer)), Conv1D)
+                return weight.T.contiguous() if conv1d else weight
         raise KeyError(f"{key} is not in the checkpoint")
 
 

@@ -24,18 +24,17 @@ from omegaconf import DictConfig
 from lora_lab.adapters import attach_adapter, load_adapter
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import build_task_data, longest_batch
-from lora_lab.loftq import prepare_quantized_adapter, summarise
+from lora_lab.loftq import LoftQRecipe, loftq_recipe, prepare_quantized_adapter, summarise
 from lora_lab.metrics import (
+    ExactMatchScorer,
     add_perplexity,
     check_metric_names,
-    exact_match,
-    generate_responses,
     lora_diagnostics,
     step_metrics_fn,
     summarise_diagnostics,
 )
 from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
-from lora_lab.pruning import PruningCallback, load_trial
+from lora_lab.pruning import load_trial, pruning_callback
 from lora_lab.speed import apply_speed_switches, checkpointing_needed
 from lora_lab.tasks import load_rows
 from lora_lab.tracking import DiagnosticsCallback, tracking
@@ -45,6 +44,7 @@ from lora_lab.trainer import (
     MeasureCallback,
     Measurements,
     TrainingDiverged,
+    baseline_eval,
     build_trainer,
     latest_complete_checkpoint,
     peak_memory_gib,
@@ -61,7 +61,12 @@ OOM_ADVICE = (
     "or adapter.target_modules=attn"
 )
 # Trainer bookkeeping among the eval_* keys: not metrics of the model.
-_EVAL_BOOKKEEPING = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+_EVAL_BOOKKEEPING = {
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "eval_model_preparation_time",
+}
 
 
 def objective_names(optimized_metric: str | list[str], task_metrics: list[str]) -> list[str]:
@@ -85,15 +90,22 @@ def named_eval_metrics(raw: dict, prefix: str) -> dict[str, float]:
     }
 
 
-def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "default") -> dict[str, float]:
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    pruner_cfg=None,
+    run_name: str = "default",
+    command_line: list[str] = (),
+) -> dict[str, float]:
     """One training run; returns the final metrics, also written to run_dir/metrics.json.
+    `command_line`: the run's overrides, which win over presets' schedules.
 
     In a sweep job with a pruner, a pruned run raises optuna.TrialPruned before writing outputs.
     """
     started = time.perf_counter()
-    run = validate(cfg)
+    run = validate(cfg, list(command_line))
     task = run.task
-    check_metric_names(task.kind, task.metrics, task.metric)
+    check_metric_names(task.kind, task.metrics, task.metric, task.labels)
     objectives = objective_names(run.optimized_metric, task.metrics)
     in_sweep = run.optuna_trial.study_name is not None
     with tracking(
@@ -118,11 +130,20 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         train_rows, eval_rows = load_rows(task)
         model, tokenizer = load_model(run.model, run.quant, task.labels, device)
         if run.adapter.init_from is not None:
-            model = load_adapter(model, run.adapter.init_from, trainable=run.train.max_steps != 0)
+            model = load_adapter(
+                model, run.adapter.init_from, run.model.kind, trainable=run.train.max_steps != 0
+            )
         else:
             model = attach_adapter(model, run.adapter, run.model.kind)
+        # an init_from adapter keeps its weights and needs the backbone it trained on
+        loftq = loftq_recipe(run.adapter, run.quant, run.adapter.init_from)
         quant_errors = prepare_quantized_adapter(
-            model, run.model, run.quant, run.adapter, report=run.quant.error_report
+            model,
+            run.model,
+            run.quant,
+            loftq,
+            fit_adapter=run.adapter.init_from is None,
+            report=run.quant.error_report,
         )
         if quant_errors:
             log.info("quantization error: %s", summarise(quant_errors))
@@ -142,12 +163,20 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         callbacks = [MeasureCallback(measurements), DivergenceGuard(), CheckpointCompletion()]
         if tracker.active:  # the diagnostics dequantize every adapted layer: only for a tracker
             callbacks.append(DiagnosticsCallback(tracker, model))
+        score_exact_match = ExactMatchScorer(
+            tokenizer,
+            data.eval_prompts,
+            data.eval_references,
+            task.answer_pattern,
+            task.generate_max_new_tokens,
+            run.train.eval_batch_size,
+        )
         pruning = None
-        if in_sweep and pruner_cfg and len(objectives) == 1:
-            pruning = PruningCallback(
-                load_trial(run.optuna_trial, pruner_cfg), objectives[0].replace("eval/", "eval_")
+        if in_sweep and pruner_cfg:
+            pruning = pruning_callback(
+                load_trial(run.optuna_trial, pruner_cfg), objectives, score_exact_match
             )
-            callbacks.append(pruning)
+            callbacks += [pruning] if pruning is not None else []
         kernels = apply_speed_switches(model, run.train.liger, run.train.fused_loss, run.model.kind, device)
         checkpointing = run.train.gradient_checkpointing
         if checkpointing == "auto":
@@ -157,15 +186,29 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             "liger: %s, fused loss: %s, gradient checkpointing: %s",
             *("on" if on else "off" for on in (kernels["liger"], kernels["fused_loss"], checkpointing)),
         )
+        checkpoint = resume_checkpoint(run.train.resume, run_dir / "checkpoints")
         args = training_arguments(
-            run.train, run_dir / "checkpoints", device, compute_dtype, tracker.report_to, checkpointing
+            run.train,
+            run_dir / "checkpoints",
+            device,
+            compute_dtype,
+            tracker.report_to,
+            checkpointing,
+            resuming=checkpoint is not None,
         )
         trainer = build_trainer(
-            model, tokenizer, data, args, step_metrics_fn(task.kind, task.metrics), callbacks
+            model,
+            tokenizer,
+            data,
+            args,
+            step_metrics_fn(task.kind, task.metrics, task.labels),
+            callbacks,
+            task.kind,
+            run.train.loraplus_lr_ratio,
         )
         reset_peak_memory(device)  # the peak of training and evaluation, not of loading or the probe
         if run.train.max_steps != 0:  # 0: evaluate an existing adapter (adapter.init_from) only
-            trainer.train(resume_from_checkpoint=resume_checkpoint(run.train.resume, run_dir / "checkpoints"))
+            trainer.train(resume_from_checkpoint=checkpoint)
         if pruning is not None:
             pruning.raise_if_pruned()
 
@@ -174,13 +217,11 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
         if "perplexity" in task.metrics:
             add_perplexity(metrics)
         if "exact_match" in task.metrics:
-            predictions = generate_responses(
-                model, tokenizer, data.eval_prompts, task.generate_max_new_tokens, run.train.eval_batch_size
-            )
-            metrics["eval/exact_match"] = exact_match(predictions, data.eval_references, task.answer_pattern)
+            metrics["eval/exact_match"] = score_exact_match(model)
 
-        if run.train.eval_on_start and measurements.eval_history:
-            metrics |= named_eval_metrics(measurements.eval_history[0], "baseline")
+        baseline = baseline_eval(trainer.state.log_history)
+        if baseline is not None:
+            metrics |= named_eval_metrics(baseline, "baseline")
         trainable, total = model.get_nb_trainable_parameters()
         metrics |= {
             "params/trainable": trainable,
@@ -202,7 +243,7 @@ def train(cfg: DictConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defa
             tracker.log_table("lora_diagnostics", diagnostics)
             tracker.summarise({**metrics, **summarise_diagnostics(diagnostics)})
         if trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 writes
-            write_outputs(run_dir, model, metrics, quant_errors)
+            write_outputs(run_dir, model, metrics, quant_errors, loftq)
         log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
         return metrics
 
@@ -223,11 +264,16 @@ def resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
     return str(latest)
 
 
-def write_outputs(run_dir: Path, model, metrics: dict, quant_errors: list[dict] | None) -> None:
-    """Write each output under a temporary name, then rename: a crash leaves nothing half-written."""
+def write_outputs(
+    run_dir: Path, model, metrics: dict, quant_errors: list[dict] | None, loftq: LoftQRecipe | None
+) -> None:
+    """Write each output under a temporary name, then rename: a crash leaves nothing half-written.
+    A LoftQ adapter carries the recipe of its backbone."""
     staging = run_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    if loftq is not None:
+        loftq.save(staging)
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)
     staging.rename(run_dir / "adapter")
     if quant_errors is not None:
@@ -257,6 +303,7 @@ def main(cfg: DictConfig) -> float | list[float]:
             run_dir,
             pruner_cfg=hydra_cfg.sweeper.get("pruner"),
             run_name=run_name(hydra_cfg.overrides.task),
+            command_line=list(hydra_cfg.overrides.task),
         )
     except torch.cuda.OutOfMemoryError as e:
         log.error("CUDA out of memory (%s). %s", str(e).splitlines()[0], OOM_ADVICE)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-import resource
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lora_lab.config import TrainConfig
-from lora_lab.data import TaskData, real_tokens
+from lora_lab.data import IGNORE_INDEX, TaskData, real_tokens
 from lora_lab.metrics import argmax_logits
 
 
@@ -22,32 +23,42 @@ class Measurements:
     """Speed and memory of the training phase, filled in by MeasureCallback."""
 
     train_seconds: float = 0.0
-    tokens_seen: int = 0
-    eval_history: list[dict] = field(default_factory=list)
+    tokens_seen: int = 0  # over the whole run, earlier processes of a resumed run included
+    tokens_this_process: int = 0  # what train_seconds timed
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens_seen / self.train_seconds if self.train_seconds else 0.0
+        return self.tokens_this_process / self.train_seconds if self.train_seconds else 0.0
 
 
 class MeasureCallback(TrainerCallback):
-    """Times training net of evaluation, and keeps every evaluation's metrics."""
+    """Times training net of evaluation, and counts the tokens this process trained on: a resumed
+    run's state starts with the tokens of the processes before it, which this one did not time."""
 
     def __init__(self, measurements: Measurements):
         self.measurements = measurements
         self._started = 0.0
         self._eval_seconds = 0.0
+        self._tokens_at_start = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._started = time.perf_counter()
+        self._tokens_at_start = int(state.num_input_tokens_seen)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.measurements.eval_history.append({"step": state.global_step, **(metrics or {})})
         self._eval_seconds += metrics.get("eval_runtime", 0.0) if metrics else 0.0
 
     def on_train_end(self, args, state, control, **kwargs):
         self.measurements.train_seconds = time.perf_counter() - self._started - self._eval_seconds
         self.measurements.tokens_seen = int(state.num_input_tokens_seen)
+        self.measurements.tokens_this_process = self.measurements.tokens_seen - self._tokens_at_start
+
+
+def baseline_eval(log_history: list[dict]) -> dict | None:
+    """The evaluation of the untrained adapter (train.eval_on_start), from the Trainer's log
+    history, which a resumed run restores from its checkpoint: evaluating again on resume would
+    score the partly trained adapter."""
+    return next((e for e in log_history if e.get("step") == 0 and "eval_loss" in e), None)
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,6 +118,7 @@ def training_arguments(
     compute_dtype: torch.dtype,
     report_to: list[str],
     checkpointing: bool,
+    resuming: bool,
 ) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -121,7 +133,7 @@ def training_arguments(
         lr_scheduler_type=train.lr_scheduler,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
-        eval_on_start=train.eval_on_start,
+        eval_on_start=train.eval_on_start and not resuming,  # a resumed run keeps its first baseline
         logging_steps=train.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must reach DivergenceGuard, not be averaged away
         save_strategy="steps" if train.save_steps else "no",
@@ -133,7 +145,7 @@ def training_arguments(
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         **{CHECKPOINTING_ARG: checkpointing, f"{CHECKPOINTING_ARG}_kwargs": {"use_reentrant": False}},
-        include_num_input_tokens_seen="no",  # TokenCountingTrainer counts them
+        include_num_input_tokens_seen="no",  # AdapterTrainer counts them
         label_names=["labels"],
         ddp_find_unused_parameters=False,  # every LoRA parameter gets a gradient; the search costs a pass
         remove_unused_columns=False,
@@ -144,15 +156,78 @@ def training_arguments(
     )
 
 
-class TokenCountingTrainer(Trainer):
-    """HF's Trainer, counting the real tokens of each training batch with `data.real_tokens`: its
-    own count of packed batches, which have no attention mask, takes the pad id for padding, and
-    that is often the EOS token that ends every example."""
+class AdapterTrainer(Trainer):
+    """HF's Trainer with three numbers made right:
+    - the training tokens are counted with `data.real_tokens`: the Trainer's own count of packed
+      batches, which have no attention mask, takes the pad id for padding, and that is often the EOS
+      token that ends every example;
+    - the eval loss is the mean over all label tokens of the eval set, not the mean of per-batch
+      means (which weighs a token of a short batch more than one of a long batch);
+    - under gradient accumulation the loss is divided by the number of micro-batches unless the
+      model itself normalises by the global token count (causal LMs do, given num_items_in_batch;
+      classifiers ignore it, and the Trainer then multiplied their loss by grad_accum and, under DDP,
+      by the world size).
+    """
+
+    def __init__(self, *args, causal_lm: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.causal_lm = causal_lm
+        # The Trainer assumes any model whose forward takes **kwargs normalises by num_items_in_batch.
+        self.model_accepts_loss_kwargs = causal_lm
+        self._eval_loss_sum = self._eval_loss_count = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         tokens = real_tokens(inputs, self.processing_class.pad_token_id).to(self.args.device)
         self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if loss is not None:
+            count = loss_targets(inputs["labels"], shifted=self.causal_lm)
+            self._eval_loss_sum += loss.to(self._eval_loss_sum) * count
+            self._eval_loss_count += count
+        return loss, logits, labels
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._eval_loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        self._eval_loss_count = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        key = f"{metric_key_prefix}_loss"
+        if key in output.metrics:
+            # Summed over processes. Under DDP the sampler repeats a few examples to even out the
+            # last batch; their tokens count twice (the Trainer's own mean does the same).
+            total = self.accelerator.reduce(torch.stack([self._eval_loss_sum, self._eval_loss_count]), "sum")
+            output.metrics[key] = float(total[0] / total[1])
+        return output
+
+
+def loss_targets(labels: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """How many targets a batch's mean loss averages over: label tokens that a causal LM predicts
+    (position t predicts t+1, so the first label of a row is never a target), or the examples of a
+    classification batch."""
+    if not shifted:
+        return torch.tensor(labels.shape[0], device=labels.device)
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
+def loraplus_optimizer(model, args: TrainingArguments, lr_ratio: float) -> torch.optim.Optimizer:
+    """LoRA+: PEFT's optimizer with B's learning rate lr_ratio times A's, otherwise the AdamW the
+    Trainer would build from `args`."""
+    return create_loraplus_optimizer(
+        model,
+        torch.optim.AdamW,
+        lr=args.learning_rate,
+        loraplus_lr_ratio=lr_ratio,
+        loraplus_weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=args.optim == "adamw_torch_fused",
+    )
 
 
 def build_trainer(
@@ -162,8 +237,11 @@ def build_trainer(
     args: TrainingArguments,
     compute_metrics,
     callbacks: list[TrainerCallback],
+    kind: str,
+    loraplus_lr_ratio: float | None = None,
 ) -> Trainer:
-    return TokenCountingTrainer(
+    optimizer = loraplus_optimizer(model, args, loraplus_lr_ratio) if loraplus_lr_ratio else None
+    return AdapterTrainer(
         model=model,
         processing_class=tokenizer,
         args=args,
@@ -173,16 +251,25 @@ def build_trainer(
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=argmax_logits if compute_metrics else None,
         callbacks=callbacks,
+        optimizers=(optimizer, None),  # None: the Trainer's own AdamW; its scheduler in both cases
+        causal_lm=kind == "causal_lm",
     )
 
 
 def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
 
 
 def peak_memory_gib(device: str) -> float:
-    """Peak CUDA memory allocated by tensors on GPU; the process's peak resident set on CPU."""
+    """Peak CUDA memory allocated by tensors on GPU; on CPU the process's peak resident set since
+    reset_peak_memory (VmHWM, which Linux resets through clear_refs: the lifetime peak that
+    getrusage reports would only grow over the in-process trials of a sweep)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    status = Path("/proc/self/status")
+    if not status.exists():  # not Linux: unknown rather than a lifetime peak passed off as this run's
+        return math.nan
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 2**20

@@ -54,11 +54,11 @@ def compose(overrides: list[str]):
 
 
 def train_run(overrides: list[str], run_dir: Path) -> dict:
-    """A real training run, in-process, on the composed config."""
+    """A real training run, in-process, on the composed config, the overrides as its command line."""
     from lora_lab.train import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return train(compose(overrides), run_dir)
+    return train(compose(overrides), run_dir, command_line=overrides)
 
 
 def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

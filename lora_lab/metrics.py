@@ -1,7 +1,8 @@
 """Evaluation metrics through `evaluate`, from metric modules kept in the repo (they load offline).
 
-Per-step metrics (accuracy, f1, token_accuracy) come from the Trainer's eval loop; `perplexity` is
-exp(eval loss); `exact_match` decodes greedily and so runs once, at the final evaluation.
+Per-step metrics (accuracy, f1_<positive label>, f1_macro, token_accuracy) come from the Trainer's eval
+loop; `perplexity` is exp(eval loss); `exact_match` decodes greedily, at the final evaluation (and on
+a subsample at each evaluation when a pruner needs it: lora_lab/pruning.py).
 """
 
 from __future__ import annotations
@@ -9,18 +10,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import evaluate
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from lora_lab.config import ConfigError
 from lora_lab.data import IGNORE_INDEX
 from lora_lab.loftq import dequantized_weight
 
 MODULES_DIR = Path(__file__).parent / "metric_modules"
-STEP_METRICS = {"seq_cls": ("accuracy", "f1"), "causal_lm": ("token_accuracy",)}
 DERIVED_METRICS = ("perplexity",)
 FINAL_METRICS = ("exact_match",)
 
@@ -29,8 +32,22 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(MODULES_DIR / name))
 
 
-def check_metric_names(kind: str, names: list[str], primary: str) -> None:
-    valid = STEP_METRICS[kind] + (DERIVED_METRICS + FINAL_METRICS if kind == "causal_lm" else ())
+def step_metrics(kind: str, labels: list[str]) -> dict[str, tuple[str, dict]]:
+    """The metrics of the Trainer's eval loop, by name: (metric module, its compute arguments).
+    Binary F1 depends on which label is positive, so its name says it: f1_<label>, for two labels;
+    f1_macro is the mean of every label's F1, for any number of them."""
+    if kind == "causal_lm":
+        return {"token_accuracy": ("accuracy", {})}
+    binary = (
+        {f"f1_{label}": ("f1", {"average": "binary", "pos_label": i}) for i, label in enumerate(labels)}
+        if len(labels) == 2
+        else {}
+    )
+    return {"accuracy": ("accuracy", {}), **binary, "f1_macro": ("f1", {"average": "macro"})}
+
+
+def check_metric_names(kind: str, names: list[str], primary: str, labels: list[str]) -> None:
+    valid = (*step_metrics(kind, labels), *(DERIVED_METRICS + FINAL_METRICS if kind == "causal_lm" else ()))
     for name in names:
         if name not in valid:
             raise ConfigError(
@@ -47,12 +64,13 @@ def argmax_logits(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.T
     return logits.argmax(dim=-1)
 
 
-def step_metrics_fn(kind: str, names: list[str]) -> Callable | None:
+def step_metrics_fn(kind: str, names: list[str], labels: list[str]) -> Callable | None:
     """The Trainer's compute_metrics for the metrics computed in its eval loop."""
-    wanted = [n for n in names if n in STEP_METRICS[kind]]
+    available = step_metrics(kind, labels)
+    wanted = {name: available[name] for name in names if name in available}
     if not wanted:
         return None
-    modules = {name: load_metric("accuracy" if name == "token_accuracy" else name) for name in wanted}
+    modules = {module: load_metric(module) for module, _ in wanted.values()}
 
     def compute(eval_pred) -> dict[str, float]:
         predictions, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
@@ -62,19 +80,26 @@ def step_metrics_fn(kind: str, names: list[str]) -> Callable | None:
             mask = labels != IGNORE_INDEX
             predictions, labels = predictions[mask], labels[mask]
         results = {}
-        for name, module in modules.items():
-            value = module.compute(predictions=predictions.ravel(), references=labels.ravel())
+        for name, (module, arguments) in wanted.items():
+            value = modules[module].compute(
+                predictions=predictions.ravel(), references=labels.ravel(), **arguments
+            )
             results[name] = next(iter(value.values()))
         return results
 
     return compute
 
 
+def perplexity(loss: float) -> float:
+    """exp of the mean token cross-entropy (capped, so that a diverged loss gives no overflow)."""
+    return math.exp(min(loss, 50.0))
+
+
 def add_perplexity(metrics: dict[str, float]) -> None:
-    """eval/perplexity from eval/loss (mean token cross-entropy)."""
+    """eval/perplexity from eval/loss."""
     loss = metrics.get("eval/loss")
     if loss is not None:
-        metrics["eval/perplexity"] = math.exp(min(loss, 50.0))
+        metrics["eval/perplexity"] = perplexity(loss)
 
 
 @torch.no_grad()
@@ -108,16 +133,45 @@ def generate_responses(
 
 
 def exact_match(predictions: list[str], references: list[str], answer_pattern: str | None) -> float:
-    """Exact match of the answers; with a pattern, of its first group in each string (e.g. GSM8K's `#### 42`)."""
+    """Exact match of the answers; with a pattern, of its first group in each string (e.g. GSM8K's
+    `#### 42`), numbers compared as numbers."""
     if answer_pattern is not None:
-        predictions = [_extract(answer_pattern, p) for p in predictions]
-        references = [_extract(answer_pattern, r) for r in references]
+        predictions = [_answer(answer_pattern, p) for p in predictions]
+        references = [_answer(answer_pattern, r) for r in references]
     return load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
 
 
-def _extract(pattern: str, text: str) -> str:
-    found = re.findall(pattern, text)
-    return found[-1].replace(",", "").strip() if found else ""
+def _answer(pattern: str, text: str) -> str:
+    """The first match: a generation that goes on past its answer (into a next question of its own,
+    with answers of its own) is scored on its answer. A number in canonical form: 1,000.00 is 1000."""
+    found = re.search(pattern, text)
+    if found is None:
+        return ""
+    answer = found.group(1).strip()
+    try:
+        number = Decimal(answer.replace(",", ""))
+    except InvalidOperation:
+        return answer
+    return format(number.normalize(), "f") if number else "0"  # -0 too
+
+
+@dataclass
+class ExactMatchScorer:
+    """exact_match of greedy generations for the eval prompts against their references."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[str]
+    references: list[str]
+    answer_pattern: str | None
+    max_new_tokens: int
+    batch_size: int
+
+    def __call__(self, model, limit: int | None = None) -> float:
+        """On all prompts, or on the first `limit` of them (the same ones at every call)."""
+        predictions = generate_responses(
+            model, self.tokenizer, self.prompts[:limit], self.max_new_tokens, self.batch_size
+        )
+        return exact_match(predictions, self.references[:limit], self.answer_pattern)
 
 
 @torch.no_grad()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose, train_run
+from conftest import CONF_DIR, compose, train_run
 
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, tokenize_lm, tokenize_sft
-from lora_lab.metrics import exact_match
+from lora_lab.metrics import check_metric_names, exact_match
 from lora_lab.models import byte_level_tokenizer
 from lora_lab.tasks import format_row, load_rows
 
@@ -18,7 +18,7 @@ def task(name: str, *overrides: str):
     return validate(compose([f"task={name}", *overrides])).task
 
 
-def test_gsm8k_rows_format_and_score_on_the_final_number():
+def test_gsm8k_rows_format_and_score_on_the_first_answer_as_a_number():
     row = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
     formatted = format_row(task("gsm8k", "model.kind=causal_lm"), row, 0)
     assert formatted == {
@@ -26,9 +26,24 @@ def test_gsm8k_rows_format_and_score_on_the_final_number():
         "response": " 3 + 4 = <<3+4=7>>7\n#### 7",
     }
     pattern = task("gsm8k").answer_pattern
-    assert exact_match(
-        ["so 3+4 is 7\n#### 7", "#### 1,000", "no idea"], ["#### 7", "#### 1000", "#### 5"], pattern
-    ) == pytest.approx(2 / 3)
+    scored = {  # generation, reference: a hit?
+        ("so 3+4 is 7\n#### 7\n\nQuestion: And 5 more?\nAnswer: 7+5=12\n#### 12", "#### 7"): True,
+        ("#### 1,000.00", "#### 1000"): True,
+        ("#### 0.50", "#### .5"): True,
+        ("#### 12\n\nQuestion: Half of it?\nAnswer: #### 6", "#### 6"): False,
+        ("#### 7.5", "#### 75"): False,
+        ("#### -3", "#### 3"): False,
+        ("no idea", "#### 5"): False,
+    }
+    predictions, references = zip(*scored, strict=True)
+    hits = sum(scored.values())
+    assert exact_match(list(predictions), list(references), pattern) == pytest.approx(hits / len(scored))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")))
+def test_task_presets_name_metrics_that_exist(name):
+    t = compose([f"task={name}"]).task
+    check_metric_names(t.kind, list(t.metrics), t.metric, list(t.labels))
 
 
 def test_alpaca_rows_use_the_template_with_and_without_input():

@@ -1,4 +1,5 @@
-"""F1 (binary by default, or macro / micro / weighted), kept in the repo for offline use."""
+"""F1, binary (of the class `pos_label`) or averaged over classes (macro / micro / weighted), kept in the
+repo for offline use."""
 
 import datasets
 import evaluate
@@ -10,11 +11,14 @@ class F1(evaluate.Metric):
         return evaluate.MetricInfo(
             description="Harmonic mean of precision and recall.",
             citation="",
-            inputs_description="predictions and references: lists of class ids; average: binary, macro, micro, weighted",
+            inputs_description=(
+                "predictions and references: lists of class ids; average: binary, macro, micro, weighted; "
+                "pos_label: the positive class id of binary F1"
+            ),
             features=datasets.Features(
                 {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
             ),
         )
 
-    def _compute(self, predictions, references, average="binary"):
-        return {"f1": float(f1_score(references, predictions, average=average))}
+    def _compute(self, predictions, references, average="binary", pos_label=1):
+        return {"f1": float(f1_score(references, predictions, average=average, pos_label=pos_label))}

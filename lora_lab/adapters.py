@@ -90,6 +90,10 @@ def _adaptable_module_names(model: torch.nn.Module) -> list[str]:
     ]
 
 
+def task_type(kind: str) -> TaskType:
+    return TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM
+
+
 def lora_config(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> LoraConfig:
     return LoraConfig(
         r=adapter.r,
@@ -99,7 +103,7 @@ def lora_config(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> Lo
         init_lora_weights=PEFT_INIT[adapter.init],
         use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora,
-        task_type=TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM,
+        task_type=task_type(kind),
         modules_to_save=EXTRA_TRAINED_MODULES.get(model.config.model_type),
     )
 
@@ -132,7 +136,7 @@ def keep_trainable_in_fp32(model: PeftModel) -> None:
             parameter.data = parameter.data.float()
 
 
-def load_adapter(model: PreTrainedModel, source: str, trainable: bool) -> PeftModel:
+def load_adapter(model: PreTrainedModel, source: str, kind: str, trainable: bool) -> PeftModel:
     """An existing PEFT LoRA adapter (made by lora_lab or anyone) on this base model, checked first."""
     from peft import PeftConfig
 
@@ -145,6 +149,13 @@ def load_adapter(model: PreTrainedModel, source: str, trainable: bool) -> PeftMo
     if config.peft_type != "LORA":
         raise ConfigError(
             "adapter.init_from", source, f"a {config.peft_type} adapter; lora_lab trains LoRA adapters"
+        )
+    # PEFT would load it and drop (or leave untrained) the classification head it was made with
+    if config.task_type is not None and config.task_type != task_type(kind):
+        raise ConfigError(
+            "adapter.init_from",
+            source,
+            f"an adapter for task_type {config.task_type}; this run's model.kind={kind} needs {task_type(kind).value}",
         )
     targets = config.target_modules
     if not isinstance(targets, str):  # a regex or all-linear needs no check by name

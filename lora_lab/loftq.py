@@ -10,7 +10,9 @@ Unlike PEFT's `loftq_init`, this
 - streams one full-precision weight at a time from the checkpoint, on whatever device the model is;
 - uses a randomized rank-r SVD by default (torch.svd_lowrank's algorithm with a sketch that is the
   same on every device), an exact SVD by config;
-- caches Q, L and R on disk: sweep trials that differ only in alpha or lr reuse them.
+- caches Q, L and R on disk: sweep trials that differ only in alpha or lr reuse them;
+- saves its recipe beside the trained adapter (loftq.json), so that init_from, export and generate
+  put back the backbone the adapter trained on, from the cache or recomputed (it is deterministic).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -28,6 +30,7 @@ import torch
 from tqdm import tqdm
 from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
+from lora_lab.config import AdapterConfig, ConfigError, QuantConfig
 from lora_lab.models import CheckpointReader, cache_dir, model_dir
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ LOFTQ_VERSION = 2
 # Extra dimensions of the randomized SVD's subspace, beyond the rank (Halko et al.'s oversampling).
 SVD_OVERSAMPLING = 32
 SVD_POWER_ITERATIONS = 4
+# Beside a trained adapter: the LoftQRecipe of the backbone it trained on.
+RECIPE_FILE = "loftq.json"
 
 
 @dataclass
@@ -47,6 +52,44 @@ class LayerInit:
     quant_state: bnbf.QuantState
     left: torch.Tensor  # (out, r)
     right: torch.Tensor  # (r, in)
+
+
+@dataclass(frozen=True)
+class LoftQRecipe:
+    """What rebuilds a LoftQ backbone on the base model: the adapter's factors are fitted to that Q,
+    and on plain quantize(W) the trained adapter computes something else."""
+
+    quant: str
+    double_quant: bool
+    rank: int
+    iterations: int
+    svd: str
+
+    def save(self, adapter_dir: Path) -> None:
+        (adapter_dir / RECIPE_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+
+def loftq_recipe(
+    adapter: AdapterConfig, quant: QuantConfig, trained_adapter: str | Path | None
+) -> LoftQRecipe | None:
+    """The LoftQ backbone a run works on: the one a trained adapter (a local directory) was trained on,
+    else the one adapter.init=loftq fits now; None for plain quantization."""
+    if trained_adapter is None:
+        if adapter.init != "loftq":
+            return None
+        return LoftQRecipe(quant.name, quant.double_quant, adapter.r, adapter.loftq_iter, adapter.loftq_svd)
+    path = Path(trained_adapter) / RECIPE_FILE
+    if not path.exists():
+        return None
+    recipe = LoftQRecipe(**json.loads(path.read_text()))
+    if (quant.name, quant.double_quant) != (recipe.quant, recipe.double_quant):
+        raise ConfigError(
+            "quant",
+            f"{quant.name} (double_quant={quant.double_quant})",
+            f"{trained_adapter} was trained on a LoftQ backbone that needs "
+            f"quant={recipe.quant} quant.double_quant={str(recipe.double_quant).lower()}",
+        )
+    return recipe
 
 
 @dataclass(frozen=True)
@@ -93,7 +136,8 @@ def randomized_svd(matrix: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Te
 
 
 def low_rank(residual: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """L (out, r), R (r, in) with L @ R the best rank-r approximation of `residual` (randomized or exact)."""
+    """L (out, k), R (k, in) with L @ R the best rank-k approximation of `residual` (randomized or
+    exact), k = min(rank, out, in): beyond that the approximation is exact already."""
     if svd == "exact":
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
         u, s, v = u[:, :rank], s[:rank], vh[:rank].T
@@ -117,7 +161,8 @@ def loftq_layer(weight: torch.Tensor, spec: QuantSpec, rank: int, iterations: in
 
 
 def install(lora_layer, init: LayerInit, adapter_weights: bool, adapter_name: str = "default") -> None:
-    """Put Q into the layer's 4-bit weight and, with adapter_weights, s * B @ A == L @ R into its adapter."""
+    """Put Q into the layer's 4-bit weight and, with adapter_weights, s * B @ A == L @ R into its adapter;
+    an adapter wider than L @ R's rank (r above a layer's smaller side) gets zeros in the extra rows."""
     base = lora_layer.base_layer
     old = base.weight
     base.weight = bnb.nn.Params4bit(
@@ -136,9 +181,12 @@ def install(lora_layer, init: LayerInit, adapter_weights: bool, adapter_name: st
         return
     root_scaling = float(lora_layer.scaling[adapter_name]) ** 0.5
     lora_A, lora_B = lora_layer.lora_A[adapter_name].weight, lora_layer.lora_B[adapter_name].weight
+    fitted_rank = init.right.shape[0]
     with torch.no_grad():
-        lora_A.copy_((init.right / root_scaling).to(lora_A.dtype))
-        lora_B.copy_((init.left / root_scaling).to(lora_B.dtype))
+        lora_A.zero_()
+        lora_B.zero_()
+        lora_A[:fitted_rank].copy_((init.right / root_scaling).to(lora_A.dtype))
+        lora_B[:, :fitted_rank].copy_((init.left / root_scaling).to(lora_B.dtype))
 
 
 def adapted_4bit_layers(peft_model) -> dict[str, torch.nn.Module]:
@@ -227,7 +275,7 @@ def loftq_initialise(
         inits = {}
         for name, layer in tqdm(layers.items(), desc=f"LoftQ r={rank} x{iterations}", unit="layer"):
             dtype = layer.base_layer.weight.quant_state.dtype
-            weight = checkpoint.weight(name).to(device=device, dtype=dtype)
+            weight = checkpoint.weight(name, layer.base_layer).to(device=device, dtype=dtype)
             inits[name] = loftq_layer(weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd)
         _save(path, inits)
     for name, layer in layers.items():
@@ -236,26 +284,27 @@ def loftq_initialise(
 
 
 def prepare_quantized_adapter(
-    peft_model, model_cfg, quant, adapter, report: bool, adapter_weights: bool = True
+    peft_model, model_cfg, quant, loftq: LoftQRecipe | None, fit_adapter: bool, report: bool
 ) -> list[dict] | None:
-    """On a quantized base: the LoftQ initialisation when adapter.init=loftq, and the per-layer
-    quantization-error rows when `report` (None otherwise)."""
-    if quant.name == "none" or not (adapter.init == "loftq" or report):
+    """On a quantized base: the `loftq` backbone, with the adapter fitted to it when `fit_adapter`
+    (a trained adapter keeps its weights), and the per-layer quantization-error rows when `report`
+    (None otherwise)."""
+    if quant.name == "none" or not (loftq or report):
         return None
     directory = model_dir(model_cfg)
     checkpoint = CheckpointReader(directory, peft_model.get_base_model().base_model_prefix)
     inits = None
-    if adapter.init == "loftq":
+    if loftq is not None:
         inits = loftq_initialise(
             peft_model,
             checkpoint,
             str(directory),
-            quant.name,
-            quant.double_quant,
-            adapter.r,
-            adapter.loftq_iter,
-            adapter.loftq_svd,
-            adapter_weights,
+            loftq.quant,
+            loftq.double_quant,
+            loftq.rank,
+            loftq.iterations,
+            loftq.svd,
+            fit_adapter,
         )
     return quant_error_report(peft_model, checkpoint, inits) if report else None
 
@@ -276,7 +325,7 @@ def quant_error_report(
         if not hasattr(module, "lora_A") or not isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
         name = name.removeprefix("base_model.model.")
-        weight = checkpoint.weight(name).to(base.weight.device).float()
+        weight = checkpoint.weight(name, base).to(base.weight.device).float()
         norm = weight.norm()
         if loftq is not None and name in loftq:  # the layer now holds LoftQ's Q: quantize W afresh
             packed, state = quantize_like(weight.to(base.weight.quant_state.dtype), QuantSpec.of(base.weight))

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 
 from lora_lab.config import ConfigError, RunConfig, validate
-from lora_lab.loftq import prepare_quantized_adapter
+from lora_lab.loftq import loftq_recipe, prepare_quantized_adapter
 from lora_lab.models import load_model, resolve_device
 
 
@@ -35,7 +35,8 @@ def load_run(run_dir: Path, device: str = "auto") -> tuple[PeftModel, object, Ru
     run = validate(_as_launched(OmegaConf.load(config_path), run_dir / ".hydra" / "hydra.yaml"))
     base, tokenizer = load_model(run.model, run.quant, run.task.labels, resolve_device(device))
     model = PeftModel.from_pretrained(base, adapter_dir)
-    # LoftQ trained against its own Q, not plain quantize(W): put that backbone back (from the cache).
-    prepare_quantized_adapter(model, run.model, run.quant, run.adapter, report=False, adapter_weights=False)
+    # LoftQ trained against its own Q, not plain quantize(W): put that backbone back.
+    loftq = loftq_recipe(run.adapter, run.quant, adapter_dir)
+    prepare_quantized_adapter(model, run.model, run.quant, loftq, fit_adapter=False, report=False)
     model.eval()
     return model, tokenizer, run

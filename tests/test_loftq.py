@@ -1,13 +1,17 @@
-"""LoftQ on the tiny model and on real pretrained weights (all-MiniLM-L6-v2), on CPU."""
+"""LoftQ on the tiny model, on a tiny GPT-2 (Conv1D layers) and on real pretrained weights
+(all-MiniLM-L6-v2), on CPU."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from conftest import compose, train_run
+from safetensors.torch import load_file
 
 from lora_lab.adapters import attach_adapter
 from lora_lab.config import validate
@@ -19,7 +23,7 @@ from lora_lab.loftq import (
     quant_error_report,
     randomized_svd,
 )
-from lora_lab.models import CheckpointReader, load_model, model_dir
+from lora_lab.models import CheckpointReader, byte_level_tokenizer, load_model, model_dir
 
 
 def minilm_path() -> str:
@@ -39,9 +43,36 @@ MODELS = {
 }
 
 
-def loftq_model(model: str, *overrides: str, init: str = "loftq"):
-    """A 4-bit model with its adapter initialised, and the quantization-error rows."""
-    run = validate(compose([*MODELS[model], "quant=nf4", f"adapter.init={init}", *overrides]))
+def save_tiny_gpt2(directory: Path) -> Path:
+    """A small random GPT-2 (its layers are Conv1D, stored (in, out)) and the byte-level tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=320,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def gpt2_overrides(directory: Path) -> list[str]:
+    return ["model=gpt2", f"model.name_or_path={directory}", "task=sort"]
+
+
+def loftq_model(model: str | list[str], *overrides: str, init: str = "loftq", quant: str = "nf4"):
+    """A quantized model with its adapter initialised, and the quantization-error rows. `model` is a
+    key of MODELS or the model's overrides."""
+    model_overrides = MODELS[model] if isinstance(model, str) else model
+    run = validate(compose([*model_overrides, f"quant={quant}", f"adapter.init={init}", *overrides]))
     torch.manual_seed(0)
     base, tokenizer = load_model(run.model, run.quant, run.task.labels, "cpu")
     peft_model = attach_adapter(base, run.adapter, run.model.kind)
@@ -52,7 +83,7 @@ def loftq_model(model: str, *overrides: str, init: str = "loftq"):
             peft_model,
             checkpoint,
             str(model_dir(run.model)),
-            "nf4",
+            quant,
             True,
             run.adapter.r,
             run.adapter.loftq_iter,
@@ -178,3 +209,79 @@ def test_qlora_run_writes_the_quantization_error_report(tmp_path):
     train_run(["quant=fp4", "train.max_steps=5", "train.eval_steps=5", "task.max_eval_samples=16"], tmp_path)
     rows = json.loads((tmp_path / "quant_error.json").read_text())
     assert rows and all(0.0 < r["qlora_rel_err"] < 0.5 and "loftq_rel_err" not in r for r in rows)
+
+
+def hand_dequantized(weight: torch.Tensor, quant: str) -> torch.Tensor:
+    """What a bitsandbytes layer computes with, from the (out, in) weight: int8 written out (absmax per
+    output row of the fp16 weight, 127 levels), nf4 through bitsandbytes' quantizer, blocks of 64."""
+    if quant == "int8":
+        half = weight.half().float()
+        absmax = half.abs().amax(dim=1, keepdim=True)
+        return torch.round(half * 127 / absmax) * absmax / 127
+    packed, state = bnbf.quantize_4bit(
+        weight.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+GPT2_LAYERS = {
+    f"transformer.h.{i}.{m}"
+    for i in range(2)
+    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+}
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_gpt2_quantization_error_is_that_of_its_out_in_weight(tmp_path, quant):
+    """GPT-2's checkpoint stores Conv1D weights (in, out); the quantized layer holds (out, in)."""
+    directory = save_tiny_gpt2(tmp_path / "gpt2")
+    _, _, rows = loftq_model(gpt2_overrides(directory), init="gaussian", quant=quant)
+    stored = load_file(directory / "model.safetensors")
+    assert set(rows) == GPT2_LAYERS
+    for name, row in rows.items():
+        weight = stored[f"{name}.weight"].T
+        expected = (weight - hand_dequantized(weight, quant)).norm() / weight.norm()
+        assert row["shape"] == list(weight.shape)
+        assert row["qlora_rel_err"] == pytest.approx(float(expected), rel=1e-3), name
+    # a square c_proj read the wrong way round quantizes other blocks (nf4) or rows (int8)
+    square = stored["transformer.h.0.attn.c_proj.weight"]
+    transposed_error = float((square - hand_dequantized(square, quant)).norm() / square.norm())
+    assert transposed_error != pytest.approx(rows["transformer.h.0.attn.c_proj"]["qlora_rel_err"], rel=1e-3)
+
+
+def test_loftq_on_gpt2_fits_the_out_in_weight_of_every_layer(tmp_path):
+    directory = save_tiny_gpt2(tmp_path / "gpt2")
+    model, _, rows = loftq_model(gpt2_overrides(directory), "adapter.r=8", "adapter.loftq_iter=2")
+    stored = load_file(directory / "model.safetensors")
+    layers = adapted_4bit_layers(model)
+    assert set(layers) == GPT2_LAYERS
+    for name, layer in layers.items():
+        fit = bnbf.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+        fit += layer.get_delta_weight("default").detach().float()
+        weight = stored[f"{name}.weight"].T
+        error = float((weight - fit).norm() / weight.norm())
+        assert rows[name]["loftq_rel_err"] == pytest.approx(error, rel=1e-4)
+        assert error < 0.9 * rows[name]["qlora_rel_err"], name
+        if weight.shape[0] == weight.shape[1]:  # fitted to the transposed weight, it would be far off
+            assert float((weight.T - fit).norm() / weight.norm()) > 1.0
+
+
+def test_loftq_rank_above_a_layers_width_fits_its_residual_whole():
+    """The tiny model's k_proj and v_proj have 32 outputs: at r=64 LoftQ fits W - Q exactly, with
+    the adapter's extra rows zero, instead of failing on a 64-vs-32 shape."""
+    model, _, rows = loftq_model("tiny", "adapter.r=64")
+    run = validate(compose(MODELS["tiny"]))
+    stored = load_file(model_dir(run.model) / "model.safetensors")
+    narrow = {n: m for n, m in adapted_4bit_layers(model).items() if m.base_layer.out_features < 64}
+    assert {n.rsplit(".", 1)[-1] for n in narrow} == {"k_proj", "v_proj"}
+    for name, layer in narrow.items():
+        weight = stored[f"{name}.weight"].float()
+        q = bnbf.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+        residual = weight - q - layer.get_delta_weight("default").float()
+        assert float(residual.norm() / weight.norm()) < 1e-5
+        assert rows[name]["loftq_rel_err"] < 1e-5
+        assert (
+            not layer.lora_B["default"].weight[:, 32:].any() and not layer.lora_A["default"].weight[32:].any()
+        )
+    wide = [r for n, r in rows.items() if n not in narrow]
+    assert wide and all(r["loftq_rel_err"] < r["qlora_rel_err"] for r in wide)

@@ -2,38 +2,54 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, SWEEP_FAST, cli
+from conftest import CONF_DIR, ROOT, SWEEP_FAST, cli
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
+# Heartbeats a test can wait out: one a second, a trial without one for 2 s is stale.
+HEARTBEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
 
 
-def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600):
-    sweep_dir = tmp_path / name
+def run_sweep(
+    tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600
+) -> subprocess.CompletedProcess:
     args = [
         "-m",
         "lora_lab.train",
         "-m",
         search,
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweep.dir={tmp_path / name}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
         "hydra.sweeper.study_name=study",
         *SWEEP_FAST,
         *overrides,
     ]
-    result = cli(args, cwd=tmp_path, timeout=timeout)
+    return cli(args, cwd=tmp_path, timeout=timeout)
+
+
+def sweep_output(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600) -> str:
+    """Run a sweep that must succeed; its output (stdout and stderr)."""
+    result = run_sweep(tmp_path, *overrides, name=name, search=search, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return sweep_dir
+    return result.stdout + result.stderr
+
+
+def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600):
+    sweep_output(tmp_path, *overrides, name=name, search=search, timeout=timeout)
+    return tmp_path / name
 
 
 def load(tmp_path) -> optuna.Study:
@@ -105,8 +121,8 @@ def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
         "hydra.sweeper.study_name=study",
         "hydra.sweeper.n_trials=2",
-        "train.max_steps=100000",
-        "train.eval_steps=100000",
+        *HEARTBEAT,
+        *SWEEP_FAST,  # the resumed sweep's settings: a study resumes only with the settings it ran with
     ]
     proc = subprocess.Popen(
         args,
@@ -116,18 +132,17 @@ def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "0" / "train.log").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)
+    train_log = tmp_path / "killed" / "0" / "train.log"
+    # killed as soon as trial 0's job logs its data sizes, just before it trains for a few seconds
+    wait_for(lambda: train_log.exists() and " train / " in train_log.read_text(), "trial 0 to train")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [t.state for t in load(tmp_path).trials] == [TrialState.RUNNING]
 
-    sweep(tmp_path, "hydra.sweeper.n_trials=1", name="resumed")
+    resumed = sweep_output(tmp_path, "hydra.sweeper.n_trials=1", *HEARTBEAT, name="resumed")
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert "interrupted" in trials[0].user_attrs["fail_reason"]
+    assert "trial 0 had no heartbeat for over 2 s" in resumed
 
 
 def test_multi_objective_writes_the_pareto_front(tmp_path):
@@ -164,7 +179,6 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
         f"hydra.sweeper.storage={postgres_url}",
         "hydra.sweeper.study_name=shared",
         "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.fail_stale_running=false",
         *SWEEP_FAST,
     ]
     workers = [
@@ -234,3 +248,339 @@ def test_workers_starting_together_on_an_empty_postgresql_database_all_open_the_
             worker.join(timeout=120)
         assert [w.exitcode for w in workers] == [0] * 12
         assert optuna.get_all_study_names(storage=storage) == ["raced"]
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+# Reports every evaluation to the trial but never prunes: the job itself then writes to the study.
+REPORTING_PRUNER = "hydra.sweeper.pruner={_target_: optuna.pruners.MedianPruner, n_startup_trials: 1000}"
+
+
+@pytest.mark.parametrize("reporting", [False, True], ids=["job-done", "job-reporting"])
+def test_trial_ended_by_another_worker_is_logged_and_the_sweep_goes_on(tmp_path, reporting):
+    """Another worker (here the test) marks trial 0 FAIL while it trains. Telling its outcome must
+    not crash the sweep nor end it early: the sweep logs it and runs trial 1. When the job reports to
+    its trial (a pruner), the job fails on the ended trial and the sweep must not crash either."""
+    args = [
+        "-m",
+        "lora_lab.train",
+        "-m",
+        "hparams_search=lora",
+        f"hydra.sweep.dir={tmp_path}/s",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        "hydra.sweeper.study_name=study",
+        "hydra.sweeper.n_trials=2",
+        *SWEEP_FAST,
+        "train.max_steps=20",
+        "train.eval_steps=10",
+        *([REPORTING_PRUNER] if reporting else []),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(lambda: (tmp_path / "s" / "0" / "train.log").exists(), "trial 0's job")
+    study = load(tmp_path)
+    study._storage.set_trial_state_values(study.trials[0]._trial_id, state=TrialState.FAIL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].value == pytest.approx(
+        json.loads((tmp_path / "s" / "1" / "metrics.json").read_text())["eval/token_accuracy"]
+    )
+    assert "trial 0 was already ended FAIL by another worker" in out
+    assert "no trial completed" not in out
+
+
+def test_bad_heartbeat_settings_fail_the_sweep_before_any_trial(tmp_path):
+    result = cli(
+        [
+            "-m",
+            "lora_lab.train",
+            "-m",
+            "hparams_search=lora",
+            f"hydra.sweep.dir={tmp_path}/s",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            "hydra.sweeper.heartbeat_interval=30",
+            "hydra.sweeper.grace_period=45",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    (line,) = [line for line in (result.stdout + result.stderr).splitlines() if "is invalid" in line]
+    assert "hydra.sweeper.grace_period=45 is invalid: at least twice hydra.sweeper.heartbeat_interval" in line
+    assert not (tmp_path / "optuna.db").exists()
+
+
+PASSWORD = "swp-7Qx2-secret"
+
+
+@pytest.fixture
+def password_postgres_url(postgres_url, monkeypatch):
+    """A database on the test server whose role must log in with a password (scram-sha-256), as on
+    a shared server; nothing but the URL gives the password (no PGPASSWORD, no ~/.pgpass)."""
+    import psycopg
+
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", os.devnull)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        hba = Path(admin.execute("SHOW hba_file").fetchone()[0])
+        admin.execute(f"CREATE ROLE sweeper LOGIN PASSWORD '{PASSWORD}'")
+        admin.execute("CREATE DATABASE sweeps OWNER sweeper")
+        hba.write_text("host all sweeper 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        admin.execute("SELECT pg_reload_conf()")
+    server = postgres_url.split("@", 1)[1].rsplit("/", 1)[0]
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(f"postgresql://sweeper@{server}/sweeps")
+    return f"postgresql://sweeper:{PASSWORD}@{server}/sweeps"
+
+
+def test_three_workers_one_killed_on_a_shared_password_postgresql_study(tmp_path, password_postgres_url):
+    """Three workers with default settings (heartbeats sped up) start at once on one study; one is
+    SIGKILLed while it trains. The others must finish all their trials, the killed trial must end
+    FAIL once its heartbeat is older than the grace period (a worker started afterwards, if the
+    others were done before that), and the password must be in no file and no log."""
+    heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, n_trials: int) -> subprocess.Popen:
+        args = [
+            "-m",
+            "lora_lab.train",
+            "-m",
+            "hparams_search=lora",
+            f"hydra.sweeper.storage={password_postgres_url}",
+            "hydra.sweeper.study_name=shared",
+            f"hydra.sweeper.n_trials={n_trials}",
+            f"hydra.sweep.dir={tmp_path}/{name}",
+            "logger=wandb",
+            REPORTING_PRUNER,
+            *heartbeat,
+            *SWEEP_FAST,
+        ]
+        with open(logs / f"{name}.log", "w") as log:
+            return subprocess.Popen(
+                [sys.executable, *args],
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    workers = {name: start(name, 2) for name in ("a", "b", "killed")}
+
+    def training(name: str) -> bool:  # its first job logs its data sizes just before training
+        return any(" train / " in log.read_text() for log in tmp_path.glob(f"{name}/*/train.log"))
+
+    wait_for(lambda: training("killed"), "the killed worker's first job to train", timeout=300)
+    os.killpg(workers["killed"].pid, signal.SIGKILL)
+    killed_at = datetime.datetime.now()
+    workers["killed"].wait()
+    for name in ("a", "b"):
+        workers[name].wait(timeout=600)
+    time.sleep(max(0.0, 4 - (datetime.datetime.now() - killed_at).total_seconds()))
+    workers["late"] = start("late", 1)
+    workers["late"].wait(timeout=600)
+
+    outputs = {name: (logs / f"{name}.log").read_text() for name in workers}
+    for name in ("a", "b", "late"):
+        assert workers[name].returncode == 0, outputs[name][-4000:]
+        assert "Traceback" not in outputs[name], outputs[name][-4000:]
+        assert "already ended" not in outputs[name], outputs[name][-4000:]
+
+    study = optuna.load_study(study_name="shared", storage=password_postgres_url)
+    jobs = {}  # trial number -> its job dir, from the overrides each job ran with
+    for overrides in tmp_path.glob("*/*/.hydra/overrides.yaml"):
+        ran = yaml.safe_load(overrides.read_text())
+        number = int(next(o for o in ran if o.startswith("++optuna_trial.number=")).split("=")[1])
+        assert number not in jobs  # no trial ran twice
+        jobs[number] = overrides.parent.parent
+    assert sorted(jobs) == sorted(t.number for t in study.trials) == list(range(6))
+    (killed,) = [n for n, job in jobs.items() if job.parent.name == "killed"]
+    for trial in study.trials:
+        if trial.number == killed:
+            assert trial.state == TrialState.FAIL
+            # failed only once its last heartbeat (at most 1 s before the kill) was 3 s old
+            assert (trial.datetime_complete - killed_at).total_seconds() >= 3 - 1
+        else:
+            assert trial.state == TrialState.COMPLETE, trial
+            metrics = json.loads((jobs[trial.number] / "metrics.json").read_text())
+            assert trial.value == pytest.approx(metrics["eval/token_accuracy"])
+            assert trial.intermediate_values  # the job reached the study, its URL without the password
+    stale_logs = [n for n, out in outputs.items() if f"trial {killed} had no heartbeat for over 3 s" in out]
+    assert len(stale_logs) == 1, outputs
+
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert leaks == []
+    # What is written names the storage without its password: masked where it records the setting,
+    # left out where it is to connect with (libpq then reads PGPASSWORD or ~/.pgpass).
+    hydra_cfg = yaml.safe_load((jobs[0] / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert hydra_cfg["sweeper"]["storage"] == password_postgres_url.replace(PASSWORD, "***")
+    summary = yaml.safe_load((tmp_path / "a" / "study_summary.yaml").read_text())
+    assert summary["storage"] == password_postgres_url.replace(f":{PASSWORD}", "")
+
+
+# The repo's arithmetic example as a user's own files, copied so that a test can change them.
+ARITHMETIC = [
+    "task=jsonl",
+    "task.train_path=train.jsonl",
+    "task.eval_path=dev.jsonl",
+    "task.prompt_field=question",
+    "task.response_field=answer",
+]
+
+
+def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
+    """Resuming with another objective or direction, another fixed override, or other rows in the
+    same data file would mix trials that are not comparable: each is refused in one line naming the
+    difference and how to start a new study, before anything runs or is written."""
+    for name in ("train.jsonl", "dev.jsonl"):
+        shutil.copy(ROOT / "examples" / "arithmetic" / name, tmp_path / name)
+    sweep(tmp_path, *ARITHMETIC, "hydra.sweeper.n_trials=1")
+    changes = {
+        "optimized_metric": ["task.metric=token_accuracy", "task.metric_direction=maximize"],
+        "train.warmup_ratio": ["train.warmup_ratio=0.1"],
+        "task.eval_path": [],  # same path, other rows (written below)
+    }
+    for key, changed in changes.items():
+        if key == "task.eval_path":
+            rows = (tmp_path / "dev.jsonl").read_text().splitlines()
+            (tmp_path / "dev.jsonl").write_text("\n".join(rows[:20]) + "\n")
+        result = run_sweep(tmp_path, *ARITHMETIC, "hydra.sweeper.n_trials=1", *changed, name=f"refused-{key}")
+        out = result.stdout + result.stderr
+        assert result.returncode == 2, out[-4000:]
+        (line,) = [line for line in out.splitlines() if "hydra.sweeper.study_name='study' is invalid" in line]
+        assert key in line and "hydra.sweeper.study_name=<" in line, line
+        assert "Traceback" not in out
+        assert not (tmp_path / f"refused-{key}").exists()
+    study = load(tmp_path)
+    assert len(study.trials) == 1 and study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+def test_resumed_grid_runs_each_point_without_a_complete_trial_once(tmp_path):
+    grid = ["adapter.r=choice(4,8)"]
+    sweep(tmp_path, *grid, "hydra.sweeper.n_trials=1", name="first", search="experiment=rank_ablation")
+    sweep(tmp_path, *grid, name="second", search="experiment=rank_ablation")
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert sorted(t.params["adapter.r"] for t in trials) == [4, 8]
+
+    out = sweep_output(tmp_path, *grid, name="third", search="experiment=rank_ablation")
+    assert len(load(tmp_path).trials) == 2
+    assert "all 2 points of the grid have a finished trial: nothing to run" in out
+    assert not any(p.name.isdigit() for p in (tmp_path / "third").iterdir())
+
+
+def test_resumed_grid_retries_its_failed_point_once_and_fails_when_none_completes(tmp_path):
+    grid = ["hydra/sweeper/sampler=grid", "train.lr=choice(0.003,-1.0)"]
+    sweep(tmp_path, *grid, search="hydra/sweeper=lora_lab_optuna")  # one of two completes: exit 0
+    first = load(tmp_path).trials
+    assert {t.params["train.lr"]: t.state for t in first} == {0.003: TrialState.COMPLETE, -1: TrialState.FAIL}
+
+    result = run_sweep(tmp_path, *grid, name="resumed", search="hydra/sweeper=lora_lab_optuna")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-4000:]
+    trials = load(tmp_path).trials
+    assert [(t.number, t.params["train.lr"], t.state) for t in trials[2:]] == [(2, -1.0, TrialState.FAIL)]
+    assert "no trial of this sweep completed: 1 ran, 1 FAIL" in out
+
+
+def test_two_sweeps_started_at_once_in_one_dir_never_share_it(tmp_path):
+    """The second sweep to claim the dir is refused before it writes anything there; the first's
+    trial dir, metrics and summary are its own."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sweeps = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lora_lab.train",
+                "-m",
+                "hparams_search=lora",
+                f"hydra.sweep.dir={tmp_path}/shared",
+                f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna{i}.db",
+                "hydra.sweeper.study_name=study",
+                "hydra.sweeper.n_trials=1",
+                *SWEEP_FAST,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [s.communicate(timeout=600)[0] for s in sweeps]
+    codes = [s.returncode for s in sweeps]
+    assert sorted(codes) == [0, 2], outputs
+    winner, loser = codes.index(0), codes.index(2)
+    assert f"hydra.sweep.dir='{tmp_path}/shared' is invalid" in outputs[loser]
+    summary = yaml.safe_load((tmp_path / "shared" / "study_summary.yaml").read_text())
+    assert summary["storage"] == f"sqlite:///{tmp_path}/optuna{winner}.db"
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir() if p.name.isdigit()) == ["0"]
+    assert len(optuna.load_study(study_name="study", storage=summary["storage"]).trials) == 1
+
+
+def test_runs_and_sweeps_started_in_the_same_second_get_their_own_dirs():
+    from hydra import compose, initialize_config_dir
+
+    import lora_lab.config  # noqa: F401  registers the schema the root config builds on
+
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        first, second = (compose(config_name="train", return_hydra_config=True) for _ in range(2))
+        assert first.hydra.run.dir != second.hydra.run.dir
+        assert first.hydra.sweep.dir != second.hydra.sweep.dir
+
+
+IDENTITY = {"optimized_metric": "eval/loss", "hydra.sweeper.direction": "minimize", "train.max_steps": "10"}
+
+
+def _check_identity_at_once(barrier, storage: str, identity: dict) -> None:
+    from hydra_plugins.lora_lab_sweeper.lora_lab_sweeper import check_identity, create_or_load_study
+
+    barrier.wait()
+    study = create_or_load_study(study_name="shared", storage=storage, directions=["minimize"])
+    check_identity(study, identity)
+
+
+def test_workers_starting_one_study_together_all_pass_its_identity_check(postgres_url):
+    """Workers that start one study at once each find no identity yet and write theirs: all of them
+    must go on; a worker with other settings is refused afterwards."""
+    import multiprocessing
+
+    import psycopg
+
+    from hydra_plugins.lora_lab_sweeper.lora_lab_sweeper import IDENTITY_ATTR, check_identity
+    from lora_lab.config import ConfigError
+
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE identity_race")
+    storage = postgres_url.rsplit("/", 1)[0] + "/identity_race"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(8)
+    workers = [
+        context.Process(target=_check_identity_at_once, args=(barrier, storage, IDENTITY)) for _ in range(8)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * 8
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert study.user_attrs[IDENTITY_ATTR] == IDENTITY
+    with pytest.raises(ConfigError, match=r"train\.max_steps: 11 here, 10 in the study"):
+        check_identity(study, {**IDENTITY, "train.max_steps": "11"})

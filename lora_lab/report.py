@@ -1,11 +1,13 @@
-"""Report of a sweep, a run or an Optuna study: every trial in a table, plots, LoRA's parameter efficiency.
+"""Report of a sweep, a run or an Optuna study: every trial in a table, the configurations compared across
+seeds, plots, LoRA's parameter efficiency.
 
 python -m lora_lab.report multirun/2025-06-01/12-00-00    # a sweep dir (an Optuna study, or a plain grid)
 python -m lora_lab.report outputs/2025-06-01/12-00-00     # a single run
 python -m lora_lab.report sqlite:///multirun/optuna.db --study lora_tiny_sort --out reports/
 
-Writes report.md, report.csv, param_efficiency.csv and the plots that apply to the study's params.
-Objective values come from the Optuna storage; measurements (memory, speed, time) from metrics.json.
+Writes report.md, report.csv, comparison.md, comparison.csv, param_efficiency.csv and the plots that apply
+to the study's params. Objective values come from the Optuna storage; measurements (memory, speed, time)
+from metrics.json; means, intervals and differences from lora_lab.stats.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from optuna.importance import get_param_importances
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from lora_lab import stats
 from lora_lab.adapters import lora_config
 from lora_lab.config import ConfigError, RunConfig, validate
 from lora_lab.models import build_tiny_model
@@ -53,7 +56,17 @@ PARAM_LABELS = {
     "adapter.alpha": "LoRA alpha adapter.alpha",
 }
 STYLES = {"COMPLETE": {"marker": "o", "color": "tab:blue"}, "PRUNED": {"marker": "x", "color": "tab:orange"}}
-PLOTS = ("objective_vs_rank", "objective_vs_lr", "alpha_rank_heatmap", "param_importances", "pareto_front")
+PLOTS = (
+    "objective_vs_rank",
+    "objective_vs_lr",
+    "alpha_rank_heatmap",
+    "objective_memory_by_quant",
+    "param_importances",
+    "pareto_front",
+)
+SEED = "train.seed"  # runs that differ only in it are repeats of one configuration
+QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # most bits first
+CONFIRM = "python -m lora_lab.confirm {target} --top 3 --seeds 5"
 EFFICIENCY_COLUMNS = {"target_modules": "target modules", "r": "r", "trainable": "trainable params"}
 EFFICIENCY_COLUMNS |= {
     "base params": "base params",
@@ -100,18 +113,27 @@ def load_job(path: Path) -> Job:
     return Job(path, cfg, overrides, metrics, number)
 
 
+def without_password(text: str) -> str:
+    """A storage URL (or a path) as the report writes and prints it: with any password masked."""
+    try:
+        return sqlalchemy.engine.make_url(text).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:  # a path, not a URL
+        return text
+
+
 def open_study(storage: str, name: str | None, arg: str) -> optuna.Study:
     # Optuna would create an empty database for a missing SQLite file.
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         raise ReportError(f"{arg}: no such SQLite file {storage.removeprefix('sqlite:///')}; {VALID}")
+    arg, shown = without_password(arg), without_password(storage)
     try:
         names = optuna.get_all_study_names(storage)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
-        raise ReportError(f"{arg}: cannot open Optuna storage {storage} ({str(e).splitlines()[0]})") from None
+        raise ReportError(f"{arg}: cannot open Optuna storage {shown} ({str(e).splitlines()[0]})") from None
     if name is None and len(names) != 1:
-        raise ReportError(f"--study is required: {storage} holds the studies {', '.join(names) or '(none)'}")
+        raise ReportError(f"--study is required: {shown} holds the studies {', '.join(names) or '(none)'}")
     if (name or names[0]) not in names:
-        raise ReportError(f"--study={name}: no such study in {storage}; studies there: {', '.join(names)}")
+        raise ReportError(f"--study={name}: no such study in {shown}; studies there: {', '.join(names)}")
     return optuna.load_study(study_name=name or names[0], storage=storage)
 
 
@@ -191,6 +213,16 @@ def trial_rows(jobs: list[Job], study: optuna.Study | None, names: list[str]) ->
     return params, rows
 
 
+def config_groups(rows: list[dict], params: list[str]) -> dict[str, list[dict]]:
+    """The completed runs of each configuration (the runs that share every param but the seed), by label."""
+    keys = [p for p in params if p != SEED]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["state"] == "COMPLETE":
+            groups.setdefault(", ".join(f"{k}={row.get(k)}" for k in keys) or "all runs", []).append(row)
+    return groups
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value) and (value.is_integer() or abs(value) >= 1e3):
         return f"{value:,.0f}"
@@ -223,6 +255,36 @@ def _numeric(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
+def _summaries(groups: dict[str, list[dict]], key: str) -> dict[str, stats.Summary]:
+    """Each configuration's summary of one metric, over its runs that report it."""
+    values = {c: [r[key] for r in runs if _numeric(r.get(key))] for c, runs in groups.items()}
+    return {c: stats.summarize(v) for c, v in values.items() if v}
+
+
+def _error_bars(ax, points: list[tuple[float, stats.Summary]]) -> str:
+    """Mean and 95% t-interval of each repeated configuration (a single run has none); returns the note
+    for a plot without any."""
+    points = [(x, s) for x, s in points if s.n >= 2]
+    if not points:
+        return "one run per configuration: no error bars, differences unconfirmed (see comparison.md)"
+    means = [s.mean for _, s in points]
+    low = [s.mean - s.ci_low for _, s in points]
+    high = [s.ci_high - s.mean for _, s in points]
+    ax.errorbar(
+        [x for x, _ in points],
+        means,
+        yerr=[low, high],
+        fmt="D",
+        color="black",
+        ms=5,
+        capsize=5,
+        elinewidth=1.2,
+        zorder=3,
+        label="mean, 95% t-interval over seeds",
+    )
+    return ""
+
+
 def _save(fig: Figure, path: Path, rows: list[dict], note: str = "") -> None:
     failed = [str(r["trial"]) for r in rows if r["state"] == "FAIL"]
     if failed:  # listed, not plotted: a failed trial has no value
@@ -233,9 +295,18 @@ def _save(fig: Figure, path: Path, rows: list[dict], note: str = "") -> None:
     fig.savefig(path)  # a bare Figure renders with Agg: no pyplot state, no display needed
 
 
-def plot_vs_param(rows, param, names, dirs, title, path: Path) -> None:
-    """Objective(s) against a numeric param: completed trials, and pruned ones at their last report."""
+def plot_vs_param(rows, groups, param, names, dirs, title, path: Path) -> None:
+    """Objective(s) against a numeric param: completed trials, pruned ones at their last report, and the
+    mean with its interval where a configuration was repeated."""
+    base = 2 if param == "adapter.r" else 10
+    # Each mean sits right of its runs' points, the configurations sharing an x value side by side.
+    at, taken = {}, {}
+    for c, runs in groups.items():
+        if _numeric(x := runs[0][param]):
+            taken[x] = taken.get(x, 0) + 1
+            at[c] = x * base ** (0.05 * taken[x])
     fig = Figure(figsize=(6.4 * len(names), 4.6))
+    note = ""
     for ax, name, direction in zip(fig.subplots(1, len(names), squeeze=False)[0], names, dirs, strict=True):
         for state, style in STYLES.items():
             points = [
@@ -244,8 +315,9 @@ def plot_vs_param(rows, param, names, dirs, title, path: Path) -> None:
             if points:
                 label = state if state == "COMPLETE" else "PRUNED (last reported value)"
                 ax.scatter([x for x, _ in points], [y for _, y in points], s=60, label=label, **style)
+        note = _error_bars(ax, [(at[c], s) for c, s in _summaries(groups, name).items() if c in at])
         values = sorted({r[param] for r in rows if _numeric(r[param]) and r[param] > 0})
-        ax.set_xscale("log", base=2 if param == "adapter.r" else 10)
+        ax.set_xscale("log", base=base)
         if param == "adapter.r":  # ranks are powers of two: label each as a plain number
             ax.set_xticks(values)
             ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -255,19 +327,24 @@ def plot_vs_param(rows, param, names, dirs, title, path: Path) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(float(v))))
         ax.set(xlabel=PARAM_LABELS.get(param, param), ylabel=metric_label(name, direction))
-        ax.set_title(f"{title}: {name} vs {param}")
+        ax.set_title(f"{title}\n{name} vs {param}")
         if ax.get_legend_handles_labels()[0]:  # a sweep whose trials all failed has no points
             ax.legend(fontsize=9)
-    _save(fig, path, rows)
+    _save(fig, path, rows, note)
 
 
 def plot_heatmap(rows, alpha: str, name: str, direction: str, title: str, path: Path) -> None:
-    """Mean objective of the completed trials in each (alpha, rank) cell; cells without one stay blank."""
+    """Mean objective of the completed trials in each (alpha, rank) cell, with the half-width of its 95%
+    t-interval where the cell holds several; cells without one stay blank."""
     done = [r for r in rows if r["state"] == "COMPLETE" and _numeric(r[alpha], r["adapter.r"], r[name])]
     alphas = sorted({r[alpha] for r in rows if _numeric(r[alpha])})
     ranks = sorted({r["adapter.r"] for r in rows if _numeric(r["adapter.r"])})
-    cells = [[[r[name] for r in done if (r[alpha], r["adapter.r"]) == (a, k)] for k in ranks] for a in alphas]
-    means = [[sum(c) / len(c) if c else math.nan for c in line] for line in cells]
+    cells = [
+        [[r[name] for r in done if (r[alpha], r["adapter.r"]) == (a, k)] or None for k in ranks]
+        for a in alphas
+    ]
+    cells = [[cell and stats.summarize(cell) for cell in line] for line in cells]
+    means = [[cell.mean if cell else math.nan for cell in line] for line in cells]
     fig = Figure(figsize=(1.2 * len(ranks) + 3.5, 0.8 * len(alphas) + 2.4))
     ax = fig.subplots()
     image = ax.imshow(means, cmap="viridis", aspect="auto")
@@ -275,11 +352,13 @@ def plot_heatmap(rows, alpha: str, name: str, direction: str, title: str, path: 
     for i, line in enumerate(cells):
         for j, cell in enumerate(line):
             if cell:  # dark text on the bright end of viridis, light text on the dark end
-                color = "black" if (means[i][j] - low) / ((high - low) or 1) > 0.6 else "white"
-                ax.text(j, i, f"{means[i][j]:.4g}\nn={len(cell)}", ha="center", va="center", color=color)
+                color = "black" if (cell.mean - low) / ((high - low) or 1) > 0.6 else "white"
+                spread = f" ± {(cell.ci_high - cell.ci_low) / 2:.2g}" if cell.n >= 2 else ""
+                ax.text(j, i, f"{cell.mean:.4g}{spread}\nn={cell.n}", ha="center", va="center", color=color)
     ax.set_xticks(range(len(ranks)), [str(k) for k in ranks])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set(xlabel="LoRA rank adapter.r", ylabel=PARAM_LABELS[alpha], title=f"{title}: mean {name} per cell")
+    ax.set(xlabel="LoRA rank adapter.r", ylabel=PARAM_LABELS[alpha])
+    ax.set_title(f"{title}\nmean {name} per cell (± half-width of its 95% t-interval)")
     ax.grid(False)
     fig.colorbar(image, ax=ax, label=metric_label(name, direction))
     _save(fig, path, rows)
@@ -293,6 +372,10 @@ def plot_importances(study: optuna.Study, names: list[str], title: str, path: Pa
     varying = [p for p in searched if len({repr(t.params.get(p)) for t in done}) > 1]
     if len(done) < 2 or not varying:
         return "param importances need >= 2 completed trials and a param that varies among them"
+    if len(varying) == 1:  # normalised importances sum to 1: a lone param gets 1 whatever the data
+        return (
+            f"param importances: only {varying[0]} varies, so it would get all the importance by definition"
+        )
     fig = Figure(figsize=(6.4 * len(names), 2.7 + 0.7 * len(varying)))
     for i, ax in enumerate(fig.subplots(1, len(names), squeeze=False)[0]):
         with warnings.catch_warnings(record=True) as too_few:  # Optuna warns when trials are too few
@@ -300,9 +383,37 @@ def plot_importances(study: optuna.Study, names: list[str], title: str, path: Pa
             imp = get_param_importances(study, params=varying, target=lambda t, i=i: t.values[i])
         ax.bar_label(ax.barh(list(imp)[::-1], list(imp.values())[::-1]), fmt="%.2f", padding=3)
         ax.set(xlim=(0, 1.1), xlabel="importance (normalised: sums to 1)")
-        ax.set_title(f"{title}: param importances for {names[i]}")
+        ax.set_title(f"{title}\nparam importances for {names[i]}")
     _save(fig, path, [], f"{len(done)} completed trials" + (": too few, unreliable" if too_few else ""))
     return None
+
+
+def plot_by_quant(groups, names, dirs, title, path: Path) -> None:
+    """The objective and peak memory of each configuration, in order of quant bits: every run, and the mean
+    with its interval where a configuration was repeated."""
+    bits = {q: i for i, q in enumerate(QUANT_ORDER)}
+    order = sorted(groups, key=lambda c: (bits.get(groups[c][0]["quant"], len(bits)), c))
+    panels = [(names[0], dirs[0])]
+    memory = any(_numeric(r.get("memory/peak_gib")) for runs in groups.values() for r in runs)
+    panels += [("memory/peak_gib", "minimize")] if memory else []
+    fig = Figure(figsize=(max(4.8, 1.3 * len(order) + 2.5) * len(panels), 4.8))
+    notes = [] if memory else ["no memory/peak_gib: the jobs' metrics.json are not at hand"]
+    for ax, (key, direction) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        points = [(i, r[key]) for i, c in enumerate(order) for r in groups[c] if _numeric(r.get(key))]
+        ax.scatter(
+            [x for x, _ in points], [y for _, y in points], s=40, alpha=0.6, label="run", **STYLES["COMPLETE"]
+        )
+        summaries = _summaries(groups, key)  # each mean just right of its runs' points
+        notes.append(
+            _error_bars(ax, [(i + 0.15, summaries[c]) for i, c in enumerate(order) if c in summaries])
+        )
+        ax.set_xticks(range(len(order)), [c.replace(", ", "\n") for c in order], fontsize=9)
+        ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(float(v))))
+        ax.set(xlabel="configuration (as in comparison.md)", ylabel=metric_label(key, direction))
+        ax.set_title(f"{title}\n{key} by quantization")
+        ax.legend(fontsize=9)
+    _save(fig, path, [], "; ".join(dict.fromkeys(n for n in notes if n)))
 
 
 def plot_pareto(study, rows, names, dirs, title, path: Path) -> None:
@@ -331,24 +442,81 @@ def plot_pareto(study, rows, names, dirs, title, path: Path) -> None:
     _save(fig, path, rows)
 
 
-def write_plots(study, rows, params, names, dirs, title, out: Path) -> list[str]:
+def write_plots(study, rows, groups, params, names, dirs, title, out: Path) -> list[str]:
     """Draw the plots that the study's params allow; returns Markdown lines (images and skip notes)."""
     lines = []
     with matplotlib.rc_context(RC):
         for param, png in (("adapter.r", "objective_vs_rank"), ("train.lr", "objective_vs_lr")):
             if param in params:
-                plot_vs_param(rows, param, names, dirs, title, out / f"{png}.png")
+                plot_vs_param(rows, groups, param, names, dirs, title, out / f"{png}.png")
                 lines.append(f"![{png}]({png}.png)")
         alpha = next((p for p in ("adapter.alpha_multiple", "adapter.alpha") if p in params), None)
         if alpha and "adapter.r" in params:
             plot_heatmap(rows, alpha, names[0], dirs[0], title, out / "alpha_rank_heatmap.png")
             lines.append("![alpha_rank_heatmap](alpha_rank_heatmap.png)")
+        if "quant" in params and groups:
+            plot_by_quant(groups, names, dirs, title, out / "objective_memory_by_quant.png")
+            lines.append("![objective_memory_by_quant](objective_memory_by_quant.png)")
         skipped = plot_importances(study, names, title, out / "param_importances.png") if study else None
         lines.append(f"Skipped: {skipped}." if skipped else "![param_importances](param_importances.png)")
         if study is not None and len(names) >= 2:
             plot_pareto(study, rows, names, dirs, title, out / "pareto_front.png")
             lines.append("![pareto_front](pareto_front.png)")
     return lines
+
+
+def comparison_section(groups, names, dirs, target: str, out_dir: Path) -> list[str]:
+    """Compare the configurations on the first objective: writes comparison.csv and comparison.md and
+    returns the section's Markdown (the table and what it can and cannot tell)."""
+    name, direction = names[0], dirs[0]
+    values = {c: [r[name] for r in runs if _numeric(r.get(name))] for c, runs in groups.items()}
+    values = {c: v for c, v in values.items() if v}
+    rows = stats.compare(values, direction) if values else []
+    floor, df = stats.noise_floor(list(values.values()))
+    for i, row in enumerate(rows):  # rows[0] is the best: the others differ from it
+        row["below noise floor"] = "yes" if i and abs(row["diff_vs_best"]) < floor else None
+    # No interval (a single run) is left blank, not written as nan.
+    rows = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows
+    ]
+    write_csv(out_dir / "comparison.csv", list(stats.COMPARISON_COLUMNS), rows)
+    lines = [
+        f"Objective {name} ({direction}) per configuration, the runs that share every param but `{SEED}`: "
+        f"mean and its {stats.CONFIDENCE:.0%} Student-t interval (ci_low, ci_high); the difference from the "
+        f"best configuration and its {stats.CONFIDENCE:.0%} Welch interval (diff_ci_low, diff_ci_high). "
+        "Verdict: `worse` where that interval excludes 0, else `within noise`. "
+        f"{sum(map(len, values.values()))} completed runs; pruned, failed and unfinished trials have no "
+        "final value."
+    ]
+    if len(names) > 1:
+        lines.append(f"Compared on {name} only; the Pareto front weighs the {len(names)} objectives.")
+    if not rows:
+        lines.append("No completed run to compare.")
+    elif len(rows) == 1:
+        lines.append("One configuration only: nothing to compare it with, so its verdict is `unconfirmed`.")
+    if df:
+        lines.append(
+            f"Noise floor (the seed-to-seed std of {name}, pooled within the repeated configurations, "
+            f"{df} degrees of freedom): {fmt(floor)}. Differences from the best smaller than it are marked "
+            "in the column *below noise floor*."
+        )
+    elif rows:
+        lines.append(
+            "No configuration was repeated with another seed: the seed-to-seed spread (the noise floor) is "
+            "unknown and every difference here is unconfirmed."
+        )
+    if len(rows) > 1 and any(row["n"] < 2 for row in rows):
+        sweep_dir = "<sweep dir>" if "://" in target else target  # confirm reruns a sweep dir's trials
+        lines.append(
+            "A configuration run once (n = 1) has no interval (blank) and the verdict `unconfirmed`. "
+            f"Confirm the top 3 with 5 seeds each: `{CONFIRM.format(target=sweep_dir)}`"
+        )
+    headers = {c: c for c in stats.COMPARISON_COLUMNS} | (
+        {"below noise floor": "below noise floor"} if df else {}
+    )
+    section = [*(f"{line}\n" for line in lines), markdown_table(headers, rows), ""]
+    (out_dir / "comparison.md").write_text("\n".join(["# Comparison", "", *section]))
+    return section
 
 
 def param_efficiency(run: RunConfig, target_modules: list, ranks: list[int]) -> tuple[list[dict], str]:
@@ -408,6 +576,7 @@ def report(target: str, study_name: str | None, out: str | None) -> Path:
         (out_dir / f"{png}.png").unlink(missing_ok=True)
     names, dirs = objectives(jobs, study)
     params, rows = trial_rows(jobs, study, names)
+    groups = config_groups(rows, params)
     title = f"study {study.study_name}" if study else f"runs in {Path(target).resolve().name}"
     columns = {"trial": "trial", "state": "state", **{p: p for p in params}}
     columns |= {n: n if n.startswith("objective") else f"{n} (objective)" for n in names} | {
@@ -417,21 +586,25 @@ def report(target: str, study_name: str | None, out: str | None) -> Path:
     columns["fail reason"] = "fail reason"
     write_csv(out_dir / "report.csv", list(columns), rows)
     table = markdown_table(columns, rows)
-    figures = write_plots(study, rows, params, names, dirs, title, out_dir)
+    comparison = comparison_section(groups, names, dirs, target, out_dir)
+    figures = write_plots(study, rows, groups, params, names, dirs, title, out_dir)
     eff_rows, eff_note = efficiency_section(jobs, rows, params)
     if eff_rows:
         write_csv(out_dir / "param_efficiency.csv", list(EFFICIENCY_COLUMNS), eff_rows)
 
     states = {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)}
-    source = f"`{target}`" + (f", Optuna storage `{storage}`" if storage not in (None, target) else "")
+    source = f"`{without_password(target)}`"
+    source += f", Optuna storage `{without_password(storage)}`" if storage not in (None, target) else ""
     md = [f"# Report: {title}", "", f"Source: {source}."]
     md += [f"Objective: {', '.join(f'{n} ({d})' for n, d in zip(names, dirs, strict=True))}."]
     md += [f"Trials: {', '.join(f'{n} {s}' for s, n in states.items())}.", "", "## Trials", "", table, ""]
+    md += ["## Comparison", "", *comparison]
     md += ["## Figures", "", *(f"{line}\n" for line in figures), "## Parameter efficiency", "", eff_note, ""]
     md += [markdown_table(EFFICIENCY_COLUMNS, eff_rows), ""] if eff_rows else []
     (out_dir / "report.md").write_text("\n".join(md))
     print(out_dir / "report.md")
     print(table)
+    print("\n".join(["", *comparison]))
     return out_dir / "report.md"
 
 

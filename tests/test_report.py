@@ -1,18 +1,24 @@
 """`python -m lora_lab.report` on real sweeps and runs of the tiny model: every number in the report is
-checked against the Optuna storage (objectives) and the jobs' metrics.json (measurements)."""
+checked against the Optuna storage (objectives), the jobs' metrics.json (measurements), and the means,
+t-intervals and Welch intervals computed here from the formulas with scipy's t quantiles."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from conftest import SWEEP_FAST, cli
-from optuna.trial import TrialState
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
 from PIL import Image
+from scipy import stats as scipy_stats
+
+CONFIRM = "python -m lora_lab.confirm {} --top 3 --seeds 5"
 
 
 def run(args: list[str], cwd: Path) -> None:
@@ -74,6 +80,36 @@ def assert_efficiency_matches(out_dir: Path, metrics_by_rank: dict[int, dict]) -
         assert float(table[r]["reduction"]) == int(table[r]["base params"]) / metrics["params/trainable"]
 
 
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """The 95% Student-t interval of the mean, from its formula."""
+    mean, std = mean_and_std(values)
+    half = scipy_stats.t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def welch_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The 95% Welch interval of mean(a) - mean(b): Welch-Satterthwaite degrees of freedom."""
+    (mean_a, std_a), (mean_b, std_b) = mean_and_std(a), mean_and_std(b)
+    va, vb = std_a**2 / len(a), std_b**2 / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    return mean_a - mean_b - half, mean_a - mean_b + half
+
+
+def pooled_student_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The equal-variance interval a Welch implementation must not give."""
+    (mean_a, std_a), (mean_b, std_b) = mean_and_std(a), mean_and_std(b)
+    df = len(a) + len(b) - 2
+    pooled = ((len(a) - 1) * std_a**2 + (len(b) - 1) * std_b**2) / df
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(pooled * (1 / len(a) + 1 / len(b)))
+    return mean_a - mean_b - half, mean_a - mean_b + half
+
+
 def report_in_process(capsys, *args: str) -> tuple[int, str, str]:
     from lora_lab.report import main
 
@@ -131,9 +167,12 @@ def test_sweep_report_matches_storage_and_metrics(pruned_and_failed_sweep):
 
     markdown = (sweep_dir / "report.md").read_text()
     assert all(f"2 {state}" in markdown for state in ("COMPLETE", "PRUNED", "FAIL"))
-    for png in ("objective_vs_rank", "objective_vs_lr", "param_importances"):
+    for png in ("objective_vs_rank", "objective_vs_lr"):
         assert_png(sweep_dir / f"{png}.png")
         assert f"]({png}.png)" in markdown
+    # Only the rank varies among the completed trials (all lr=3e-3): it would get importance 1 regardless.
+    assert not (sweep_dir / "param_importances.png").exists()
+    assert "Skipped: param importances: only adapter.r varies" in markdown
     assert not (sweep_dir / "alpha_rank_heatmap.png").exists()  # no alpha param in this study
     assert not (sweep_dir / "pareto_front.png").exists()  # one objective
     by_rank = {study.trials[n].params["adapter.r"]: m for n, m in metrics.items()}
@@ -203,6 +242,12 @@ def test_plain_hydra_multirun_is_reported_from_its_job_dirs(tmp_path, capsys):
         by_rank[int(row["adapter.r"])] = metrics
     assert_png(sweep_dir / "objective_vs_rank.png")
     assert not (sweep_dir / "param_importances.png").exists()  # importances need an Optuna study
+    # One seed per rank: no interval, and the command that repeats them.
+    assert [(r["config"], r["verdict"], r["ci_low"]) for r in read_csv(sweep_dir / "comparison.csv")] == [
+        (f"adapter.r={r}", "unconfirmed", "")
+        for r in sorted(by_rank, key=lambda r: -by_rank[r]["eval/token_accuracy"])
+    ]
+    assert CONFIRM.format(sweep_dir) in out
     assert_efficiency_matches(sweep_dir, by_rank)
 
 
@@ -219,6 +264,10 @@ def test_single_run_gives_a_one_row_report(tmp_path, capsys):
     assert int(row["params/trainable"]) == metrics["params/trainable"]
     assert {r["target_modules"] for r in read_csv(run_dir / "param_efficiency.csv")} == {"qv"}
     assert_efficiency_matches(run_dir, {2: metrics})
+    [compared] = read_csv(run_dir / "comparison.csv")
+    assert (compared["n"], compared["verdict"]) == ("1", "unconfirmed")
+    assert float(compared["mean"]) == metrics["eval/token_accuracy"]
+    assert "One configuration only" in (run_dir / "comparison.md").read_text()
 
 
 def test_missing_path_is_one_clear_line(tmp_path):
@@ -245,3 +294,180 @@ def test_bad_arguments_are_refused_clearly(tmp_path, capsys):
         assert code == 2 and out == "", (args, out)
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (args, err)
     assert not (tmp_path / "missing.db").exists()  # not created by asking
+
+
+def assert_comparison_row(row: dict, values: list[float], best: list[float] | None) -> None:
+    """A comparison.csv row against the mean, t-interval and Welch interval computed from its runs."""
+    mean, std = mean_and_std(values)
+    assert int(row["n"]) == len(values)
+    assert float(row["mean"]) == pytest.approx(mean, rel=1e-12)
+    assert float(row["std"]) == pytest.approx(std, rel=1e-12)
+    assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx(t_interval(values), rel=1e-12)
+    if best is None:
+        assert float(row["diff_vs_best"]) == 0 and row["verdict"] == "best"
+        assert row["diff_ci_low"] == row["diff_ci_high"] == ""
+        return
+    low, high = welch_interval(values, best)
+    assert float(row["diff_vs_best"]) == pytest.approx(mean - mean_and_std(best)[0], rel=1e-12)
+    assert (float(row["diff_ci_low"]), float(row["diff_ci_high"])) == pytest.approx((low, high), rel=1e-12)
+    assert row["verdict"] == ("worse" if low > 0 or high < 0 else "within noise")
+
+
+def as_csv(row: dict) -> dict:
+    """A compare() row as comparison.csv writes it: no interval is a blank."""
+    return {k: "" if isinstance(v, float) and math.isnan(v) else str(v) for k, v in row.items()}
+
+
+def test_verdicts_follow_the_welch_interval_and_the_direction():
+    from lora_lab.stats import compare, noise_floor
+
+    apart = {"a": [0.80, 0.82, 0.81], "b": [0.60, 0.65, 0.58, 0.62, 0.61]}
+    # Unequal sizes and spreads: a pooled-variance interval is another interval.
+    assert welch_interval(apart["b"], apart["a"]) != pytest.approx(
+        pooled_student_interval(apart["b"], apart["a"])
+    )
+    rows = [as_csv(r) for r in compare(apart, "maximize")]
+    assert [r["config"] for r in rows] == ["a", "b"]
+    assert_comparison_row(rows[0], apart["a"], None)
+    assert_comparison_row(rows[1], apart["b"], apart["a"])
+    assert rows[1]["verdict"] == "worse"
+    # Lower is better now: b is best and a is worse by a positive difference.
+    rows = [as_csv(r) for r in compare(apart, "minimize")]
+    assert [(r["config"], r["verdict"]) for r in rows] == [("b", "best"), ("a", "worse")]
+    assert_comparison_row(rows[1], apart["a"], apart["b"])
+    assert float(rows[1]["diff_ci_low"]) > 0
+
+    overlapping = {"a": [0.80, 0.70, 0.90], "b": [0.78, 0.66, 0.86]}
+    rows = [as_csv(r) for r in compare(overlapping, "maximize")]
+    assert [(r["config"], r["verdict"]) for r in rows] == [("a", "best"), ("b", "within noise")]
+    assert_comparison_row(rows[1], overlapping["b"], overlapping["a"])
+
+    # A single run has no interval: it and whatever is compared with it are unconfirmed.
+    rows = compare({"a": [0.80, 0.82, 0.81], "b": [0.5]}, "maximize")
+    assert [r["verdict"] for r in rows] == ["best", "unconfirmed"]
+    assert math.isnan(rows[1]["ci_low"]) and math.isnan(rows[1]["diff_ci_low"]) and rows[1]["n"] == 1
+    rows = compare({"a": [0.9], "b": [0.5, 0.52]}, "maximize")
+    assert [(r["config"], r["verdict"]) for r in rows] == [("a", "unconfirmed"), ("b", "unconfirmed")]
+    [row] = compare({"a": [0.80, 0.82]}, "maximize")  # nothing to compare with
+    assert row["verdict"] == "unconfirmed" and (row["ci_low"], row["ci_high"]) == pytest.approx(
+        t_interval([0.8, 0.82])
+    )
+
+    floor, df = noise_floor([apart["a"], apart["b"], [0.5]])
+    squares = sum((v - mean_and_std(s)[0]) ** 2 for s in (apart["a"], apart["b"]) for v in s)
+    assert df == 6 and floor == pytest.approx(math.sqrt(squares / 6), rel=1e-12)
+    assert noise_floor([[0.5], [0.6]]) == (pytest.approx(math.nan, nan_ok=True), 0)
+
+
+def grid_storage(tmp_path: Path, direction: str, values: dict[tuple, float], names: tuple[str, ...]) -> str:
+    """A real Optuna storage holding the completed trials a grid study of these params would hold."""
+    storage = f"sqlite:///{tmp_path}/grid.db"
+    study = optuna.create_study(study_name="grid", storage=storage, direction=direction)
+    space = {n: CategoricalDistribution(sorted({key[i] for key in values})) for i, n in enumerate(names)}
+    for key, value in values.items():
+        study.add_trial(
+            create_trial(params=dict(zip(names, key, strict=True)), distributions=space, value=value)
+        )
+    return storage
+
+
+def test_optuna_grid_with_seeds_as_trial_params_is_compared_per_configuration(tmp_path, capsys):
+    losses = {"none": [1.00, 1.03, 1.01], "nf4": [1.10, 1.16, 1.09]}
+    values = {(q, seed): v for q, runs in losses.items() for seed, v in enumerate(runs)}
+    storage = grid_storage(tmp_path, "minimize", values, ("quant", "train.seed"))
+    code, out, err = report_in_process(capsys, storage, "--out", tmp_path)
+    assert code == 0, err
+    rows = read_csv(tmp_path / "comparison.csv")
+    assert list(rows[0]) == [
+        "config",
+        "n",
+        "mean",
+        "std",
+        "ci_low",
+        "ci_high",
+        "diff_vs_best",
+        "diff_ci_low",
+        "diff_ci_high",
+        "verdict",
+    ]
+    assert [r["config"] for r in rows] == ["quant=none", "quant=nf4"]  # lower loss first
+    assert_comparison_row(rows[0], losses["none"], None)
+    assert_comparison_row(rows[1], losses["nf4"], losses["none"])
+    assert rows[1]["verdict"] == "worse"
+    floor = math.sqrt((mean_and_std(losses["none"])[1] ** 2 + mean_and_std(losses["nf4"])[1] ** 2) / 2)
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert f"4 degrees of freedom): {floor:.4g}." in markdown
+    assert "unconfirmed" not in markdown and "lora_lab.confirm" not in out
+    assert_png(tmp_path / "objective_memory_by_quant.png")
+    assert "](objective_memory_by_quant.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_one_param_study_without_repeats_is_unconfirmed_and_has_no_importance_plot(tmp_path, capsys):
+    storage = grid_storage(tmp_path, "maximize", {(4,): 0.61, (8,): 0.64, (16,): 0.60}, ("adapter.r",))
+    code, out, err = report_in_process(capsys, storage, "--out", tmp_path)
+    assert code == 0, err
+    rows = read_csv(tmp_path / "comparison.csv")
+    assert [(r["config"], r["n"], r["verdict"]) for r in rows] == [
+        ("adapter.r=8", "1", "unconfirmed"),
+        ("adapter.r=4", "1", "unconfirmed"),
+        ("adapter.r=16", "1", "unconfirmed"),
+    ]
+    assert all(r[k] == "" for r in rows for k in ("std", "ci_low", "ci_high", "diff_ci_low", "diff_ci_high"))
+    assert [float(r["diff_vs_best"]) for r in rows] == pytest.approx([0, 0.61 - 0.64, 0.60 - 0.64])
+    assert CONFIRM.format("<sweep dir>") in out  # a storage URL names no sweep dir
+    markdown = (tmp_path / "report.md").read_text()
+    assert "noise floor) is unknown" in markdown and "every difference here is unconfirmed" in markdown
+    assert not (tmp_path / "param_importances.png").exists()
+    assert "Skipped: param importances: only adapter.r varies" in markdown
+    assert_png(tmp_path / "objective_vs_rank.png")
+
+
+@pytest.mark.slow
+def test_seed_grid_comparison_matches_the_runs(tmp_path, capsys):
+    """2 configurations x 3 seeds, a plain Hydra multirun: comparison.csv against the runs' metrics.json."""
+    sweep_dir = tmp_path / "grid"
+    run(
+        [
+            "-m",
+            "quant=none,nf4",
+            "train.seed=range(3)",
+            "train.eval_on_start=false",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        tmp_path,
+    )
+    code, out, err = report_in_process(capsys, sweep_dir)
+    assert code == 0, err
+    accuracy: dict[str, list[float]] = {}
+    for job in sorted(sweep_dir.glob("[0-9]*")):
+        quant = next(
+            o for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) if o.startswith("quant=")
+        )
+        accuracy.setdefault(quant, []).append(
+            json.loads((job / "metrics.json").read_text())["eval/token_accuracy"]
+        )
+    assert sorted(map(len, accuracy.values())) == [3, 3]
+    best, other = sorted(accuracy, key=lambda q: -mean_and_std(accuracy[q])[0])  # higher accuracy is better
+    rows = read_csv(sweep_dir / "comparison.csv")
+    assert [r["config"] for r in rows] == [best, other]
+    assert_comparison_row(rows[0], accuracy[best], None)
+    assert_comparison_row(rows[1], accuracy[other], accuracy[best])
+    floor = math.sqrt(sum(mean_and_std(v)[1] ** 2 for v in accuracy.values()) / 2)
+    assert f"4 degrees of freedom): {floor:.4g}." in (sweep_dir / "comparison.md").read_text()
+    assert "lora_lab.confirm" not in out
+    assert_png(sweep_dir / "objective_memory_by_quant.png")
+
+
+def test_a_storage_password_reaches_no_report_file_nor_message(postgres_url, tmp_path, capsys):
+    storage = postgres_url.replace("postgres@", "postgres:report-s3cret@")  # the test server trusts any
+    study = optuna.create_study(study_name="report_masked", storage=storage)
+    space = {"adapter.r": CategoricalDistribution([4, 8])}
+    for r, value in ((4, 1.0), (8, 1.2)):
+        study.add_trial(create_trial(params={"adapter.r": r}, distributions=space, value=value))
+    code, out, err = report_in_process(capsys, storage, "--study", "report_masked", "--out", tmp_path)
+    assert code == 0, err
+    assert "postgres:***@127.0.0.1" in (tmp_path / "report.md").read_text()
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and b"report-s3cret" in p.read_bytes()] == []
+    assert "report-s3cret" not in out + err
+    code, out, err = report_in_process(capsys, storage, "--study", "nope")
+    assert code == 2 and "postgres:***@127.0.0.1" in err and "report-s3cret" not in err

@@ -29,8 +29,12 @@ install: $(BIN)/.installed  ## create .venv and install lora_lab with its test e
 demo: install  ## a real training run of the embedded default (tiny model, built-in task)
 	$(BIN)/python -m lora_lab.train
 
+# Test workers (pytest-xdist): the sweep and CLI tests spend most of their time starting
+# subprocesses and waiting on them, so two workers finish sooner even on two cores.
+TEST_WORKERS ?= 2
+
 test: install  ## the full test suite (offline, CPU)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS)
 
 test-gpu: install  ## the GPU tests, on a CUDA machine (make test hides the GPU)
 	LORA_LAB_TEST_GPU=1 $(BIN)/python -m pytest -q -ra -m gpu

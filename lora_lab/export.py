@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_lab.config import exit_on_config_error
 from lora_lab.loftq import dequantized_weight
-from lora_lab.models import resolve_compute_dtype
+from lora_lab.models import is_conv1d, resolve_compute_dtype
 from lora_lab.runs import load_run
 from lora_lab.tasks import load_rows
 
@@ -63,7 +63,7 @@ def default_tolerance(dtype: torch.dtype) -> float:
 def full_precision_layer(quantized, weight: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
     """The layer class a quantized layer replaced at loading, holding `weight` (out, in): a Linear, or
     GPT-2's Conv1D, which stores (in, out) (so that transformers loads the saved model)."""
-    conv1d = issubclass(getattr(quantized, "source_cls", torch.nn.Linear), Conv1D)
+    conv1d = is_conv1d(quantized)
     if conv1d:
         layer = Conv1D(quantized.out_features, quantized.in_features)
     else:

@@ -160,6 +160,12 @@ def model_dir(model_cfg: ModelConfig) -> Path:
         ) from None
 
 
+def is_conv1d(layer: torch.nn.Module) -> bool:
+    """GPT-2's Conv1D, which stores its weight (in, out), or a quantized layer that replaced one
+    (transformers records the replaced class as `source_cls`)."""
+    return issubclass(getattr(layer, "source_cls", type(layer)), Conv1D)
+
+
 class CheckpointReader:
     """Reads one full-precision weight at a time from a safetensors checkpoint (for LoftQ and the
     quantization-error report), so the extra memory is one layer, not a second copy of the model."""
@@ -178,7 +184,7 @@ class CheckpointReader:
     def weight(self, module_name: str, layer: torch.nn.Module) -> torch.Tensor:
         """The weight of a module, named as in the loaded model, as (out, in) like the loaded `layer`
         computes with it: GPT-2's Conv1D checkpoints store (in, out), and a square one would pass
-        unnoticed (transformers records the class a quantized layer replaced as `source_cls`).
+        unnoticed.
         Checkpoints of a bare base model (a BERT encoder for a classifier) lack the `bert.` prefix,
         others may add one."""
         key = f"{module_name}.weight"
@@ -186,8 +192,7 @@ class CheckpointReader:
             if candidate in self.files:
                 with safe_open(self.files[candidate], "pt") as f:
                     weight = f.get_tensor(candidate)
-                conv1d = issubclass(getattr(layer, "source_cls", type(layer)), Conv1D)
-                return weight.T.contiguous() if conv1d else weight
+                return weight.T.contiguous() if is_conv1d(layer) else weight
         raise KeyError(f"{key} is not in the checkpoint")
 
 

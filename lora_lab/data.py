@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
 )
+
+from lora_lab.chat import assistant_tokens, generation_prompts, resolve_template
+from lora_lab.config import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,34 +39,57 @@ def tokenize_sft(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_lengt
 
     The pair is tokenised as one text, as the model will read it, and the response's tokens are
     those that start at or after the prompt's end: tokenising the response on its own gives
-    SentencePiece tokenizers a stray word-start token ("▁") that never occurs in the joined text.
-    Examples cut by max_length are counted and logged."""
+    SentencePiece tokenizers a stray word-start token ("▁") that never occurs in the joined text."""
+
+    def examples():
+        for row in rows:
+            prompt, response = row["prompt"], row["response"]
+            encoded = tokenizer(prompt + response, add_special_tokens=True, return_offsets_mapping=True)
+            boundary = len(prompt)
+            # A token that straddles the boundary (a merge across it) belongs to the prompt.
+            learned = [start >= boundary and end > start for start, end in encoded["offset_mapping"]]
+            yield encoded["input_ids"] + [tokenizer.eos_token_id], learned + [True]
+
+    return _labelled_examples(examples(), len(rows), max_length, "examples")
+
+
+def tokenize_chat(
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    template: str,
+    train_on: str,
+    source: tuple[str, object],
+) -> Dataset:
+    """One example per conversation, the loss on its assistant turns (lora_lab/chat.py)."""
+    encoded = assistant_tokens(rows, tokenizer, template, train_on, source)
+    return _labelled_examples(encoded, len(rows), max_length, "conversations")
+
+
+def _labelled_examples(
+    encoded: Iterable[tuple[list[int], list[bool]]], count: int, max_length: int, what: str
+) -> Dataset:
+    """Examples from token ids and which of them carry the loss, cut at max_length; those cut are
+    counted and logged, and those left with nothing to learn dropped."""
     examples, cut = [], 0
-    for row in rows:
-        prompt, response = row["prompt"], row["response"]
-        encoded = tokenizer(prompt + response, add_special_tokens=True, return_offsets_mapping=True)
-        boundary = len(prompt)
-        # A token that straddles the boundary (a merge across it) belongs to the prompt.
-        labels = [
-            token if start >= boundary and end > start else IGNORE_INDEX
-            for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-        ]
-        input_ids = encoded["input_ids"] + [tokenizer.eos_token_id]
-        labels.append(tokenizer.eos_token_id)
+    for input_ids, learned in encoded:
+        labels = [token if on else IGNORE_INDEX for token, on in zip(input_ids, learned, strict=True)]
         if len(input_ids) > max_length:
             cut += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
-            continue  # the prompt alone fills max_length: nothing to learn from this row
+            continue  # what there is to learn lies past max_length
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
     if cut:
         log.warning(
-            "%d of %d examples are longer than task.max_length=%d and were cut (%d left with no "
-            "response token, dropped): raise task.max_length to train on whole responses",
+            "%d of %d %s are longer than task.max_length=%d and were cut (%d left with no token to "
+            "learn, dropped): raise task.max_length to train on whole %s",
             cut,
-            len(rows),
+            count,
+            what,
             max_length,
-            len(rows) - len(examples),
+            count - len(examples),
+            what,
         )
     return Dataset.from_list(examples)
 
@@ -145,11 +172,12 @@ class RowPackingCollator:
 def batch_collator(
     task_format: str, tokenizer: PreTrainedTokenizerBase, packing: bool, attn_implementation: str
 ):
-    """How training batches are collated. Packing applies to SFT examples; LM tasks are cut into
-    blocks of max_length, which have no padding to remove; classification is padded."""
+    """How training batches are collated. Packing applies to SFT examples and conversations (each
+    conversation one example, kept apart from the others in its row); LM tasks are cut into blocks of
+    max_length, which have no padding to remove; classification is padded."""
     if task_format == "cls":
         return DataCollatorWithPadding(tokenizer)
-    if not (packing and task_format == "sft"):
+    if not (packing and task_format in ("sft", "chat")):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     if skips_cross_example_attention(attn_implementation):
         return DataCollatorWithFlattening(return_flash_attn_kwargs="flash" in attn_implementation)
@@ -178,10 +206,27 @@ def build_task_data(
     max_length: int,
     packing: bool,
     attn_implementation: str = "sdpa",
+    train_on: str = "all_assistant",
+    chat_template: str | None = None,
+    row_sources: tuple[tuple[str, object], tuple[str, object]] = (
+        ("task.train_path", None),
+        ("task.eval_path", None),
+    ),
 ) -> TaskData:
-    """Tokenised train/eval sets and the collator (`batch_collator`)."""
-    tokenize = TOKENIZERS[task_format]
+    """Tokenised train/eval sets, the collator (`batch_collator`) and, for SFT and chat, the eval
+    prompts and references of generation metrics. Conversations (`chat`) are rendered with
+    `chat_template` (task.chat_template, else the tokenizer's own) and learn the assistant turns that
+    `train_on` names; a bad one is refused naming the config key and value its rows come from
+    (`row_sources`, train and eval) and its row."""
     collator = batch_collator(task_format, tokenizer, packing, attn_implementation)
+    train_source, eval_source = row_sources
+    if task_format == "chat":
+        template = resolve_template(tokenizer, chat_template)
+        train = tokenize_chat(train_rows, tokenizer, max_length, template, train_on, train_source)
+        evaluation = tokenize_chat(eval_rows, tokenizer, max_length, template, train_on, eval_source)
+        prompts, references = generation_prompts(eval_rows, tokenizer, template, eval_source)
+        return TaskData(train, evaluation, collator, prompts, references)
+    tokenize = TOKENIZERS[task_format]
     sft = task_format == "sft"
     return TaskData(
         train=tokenize(train_rows, tokenizer, max_length),
@@ -190,6 +235,18 @@ def build_task_data(
         eval_prompts=[r["prompt"] for r in eval_rows] if sft else [],
         eval_references=[r["response"] for r in eval_rows] if sft else [],
     )
+
+
+def row_sources(task: TaskConfig) -> tuple[tuple[str, object], tuple[str, object]]:
+    """The config keys and values that name where the train and eval rows come from, for errors
+    about a row: the files (an eval split of the training file is its own), the hub dataset, or the
+    built-in task."""
+    if task.source == "hub":
+        return ("task.dataset", task.dataset), ("task.dataset", task.dataset)
+    if task.source == "builtin":
+        return ("task.name", task.name), ("task.name", task.name)
+    train = ("task.train_path", task.train_path)
+    return train, ("task.eval_path", task.eval_path) if task.eval_path else train
 
 
 def longest_batch(data: TaskData, batch_size: int) -> dict:

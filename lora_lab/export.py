@@ -25,11 +25,20 @@ from lora_lab.config import exit_on_config_error
 from lora_lab.loftq import dequantized_weight
 from lora_lab.models import is_conv1d, resolve_compute_dtype
 from lora_lab.runs import load_run
-from lora_lab.tasks import load_rows
+from lora_lab.tasks import load_rows, read_record
+
+# An eval row as one text to compare logits on, by format (classification rows are text pairs).
+EVAL_TEXT = {
+    "sft": lambda row: row["prompt"] + row["response"],
+    "lm": lambda row: row["text"],
+    "chat": lambda row: "\n".join(turn["content"] for turn in row["messages"]),
+}
 
 
-def eval_batch(run, tokenizer, size: int = 8) -> dict[str, torch.Tensor]:
-    _, rows = load_rows(run.task)
+def eval_batch(run, tokenizer, recorded: dict | None, size: int = 8) -> dict[str, torch.Tensor]:
+    """The first `size` eval rows of the run's data, read as it trained (`recorded`: its run dir's
+    data record: the eval split, the labels)."""
+    _, rows = load_rows(run.task, recorded)
     rows = rows[:size]
     if run.task.format == "cls":
         texts = [r["text"] for r in rows]
@@ -37,9 +46,7 @@ def eval_batch(run, tokenizer, size: int = 8) -> dict[str, torch.Tensor]:
         return tokenizer(
             texts, pairs, padding=True, truncation=True, max_length=run.task.max_length, return_tensors="pt"
         )
-    texts = [
-        r.get("prompt", "") + r.get("response", "") if run.task.format == "sft" else r["text"] for r in rows
-    ]
+    texts = [EVAL_TEXT[run.task.format](r) for r in rows]
     return tokenizer(
         texts, padding=True, truncation=True, max_length=run.task.max_length, return_tensors="pt"
     )
@@ -136,7 +143,7 @@ def export(run_dir: Path, out: Path, device: str, tolerance: float | None) -> fl
     and the adapter model. Tolerance None: default_tolerance of the compute dtype."""
     model, tokenizer, run = load_run(run_dir, device)
     dtype = resolve_compute_dtype(run.quant.compute_dtype, next(model.parameters()).device.type)
-    batch = eval_batch(run, tokenizer).to(next(model.parameters()).device)
+    batch = eval_batch(run, tokenizer, read_record(run_dir)).to(next(model.parameters()).device)
     reference = model(**batch).logits.float()
     merged = merge(model, dtype)
     tolerance = default_tolerance(dtype) if tolerance is None else tolerance

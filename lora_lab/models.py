@@ -31,10 +31,17 @@ from lora_lab.config import ConfigError, ModelConfig, QuantConfig, TinyModelConf
 log = logging.getLogger(__name__)
 
 # Bump when the tiny model's recipe changes, so that stale cached copies are not reused.
-TINY_RECIPE_VERSION = 1
+# 2: the tokenizer has a chat template.
+TINY_RECIPE_VERSION = 2
 # Classification heads (new at fine-tuning time) and LM heads stay unquantized.
 HEAD_MODULES = ["lm_head", "score", "classifier", "pooler"]
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# The tiny tokenizer's chat template, ChatML-like with its own special tokens and no new ones: a turn
+# is <s>role\ncontent</s>, so that generation, which stops at EOS, stops at the end of a turn.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ bos_token + message['role'] + '\n' + message['content'] + eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant\n' }}{% endif %}"
+)
 
 
 def cache_dir() -> Path:
@@ -64,14 +71,17 @@ def resolve_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with no merges: any text encodes, nothing is downloaded."""
+    """A byte-level BPE tokenizer with no merges and a chat template: any text encodes, nothing is
+    downloaded."""
     specials = list(SPECIAL_TOKENS.values())
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, chat_template=TINY_CHAT_TEMPLATE, **SPECIAL_TOKENS
+    )
 
 
 def build_tiny_model(tiny: TinyModelConfig) -> Path:
@@ -221,7 +231,7 @@ def load_model(
         auto_cls = AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-        model = auto_cls.from_pretrained(path, **kwargs)
+        model = from_pretrained_reporting_in_one_line(auto_cls, path, model_cfg.kind, kwargs)
     except OSError as e:  # model_dir already resolved a local directory: its files are the problem
         raise ConfigError(
             "model.name_or_path", path, f"not a loadable model directory ({str(e).splitlines()[0]})"
@@ -237,6 +247,32 @@ def load_model(
         param.requires_grad_(False)
     keep_4bit_layout_trainable(model)
     return model, tokenizer
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def from_pretrained_reporting_in_one_line(auto_cls, path: str, kind: str, kwargs: dict) -> PreTrainedModel:
+    """`from_pretrained` with one plain log line about weights not loaded, instead of transformers'
+    LOAD REPORT table: its colour codes land raw in train.log, and it calls a classifier's head
+    MISSING, which is expected: the head is new and trains in full with the adapter."""
+    modeling_log = logging.getLogger("transformers.modeling_utils")
+    # A filter, not a higher level: transformers 5 checks its tensor-parallel plan, and warns about it
+    # on every model, when this logger's level is WARNING or above.
+    modeling_log.addFilter(_no_load_report)
+    try:
+        model, loading = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        modeling_log.removeFilter(_no_load_report)
+    missing, unused = sorted(loading["missing_keys"]), sorted(loading["unexpected_keys"])
+    if missing and kind == "seq_cls":
+        log.info("new weights, trained in full with the adapter: %s", ", ".join(missing))
+    elif missing:
+        log.warning("weights not in the checkpoint, initialised at random: %s", ", ".join(missing))
+    if unused:
+        log.info("checkpoint weights this model does not use: %s", ", ".join(unused))
+    return model
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:

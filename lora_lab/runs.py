@@ -1,4 +1,5 @@
-"""A finished run reloaded from its run dir (composed config + adapter), for export and generation."""
+"""A finished run reloaded from its run dir (composed config, data record, adapter), for export and
+generation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from peft import PeftModel
 from lora_lab.config import ConfigError, RunConfig, validate
 from lora_lab.loftq import loftq_recipe, prepare_quantized_adapter
 from lora_lab.models import load_model, resolve_device
+from lora_lab.tasks import read_record
 
 
 def _as_launched(cfg, hydra_yaml: Path):
@@ -33,6 +35,9 @@ def load_run(run_dir: Path, device: str = "auto") -> tuple[PeftModel, object, Ru
             "run_dir", str(run_dir), "a finished run's directory, holding .hydra/config.yaml and adapter/"
         )
     run = validate(_as_launched(OmegaConf.load(config_path), run_dir / ".hydra" / "hydra.yaml"))
+    recorded = read_record(run_dir)
+    if recorded is not None:  # what the data decided when the run trained: the head's labels
+        run.task.labels, run.task.format = recorded["labels"], recorded["format"]
     base, tokenizer = load_model(run.model, run.quant, run.task.labels, resolve_device(device))
     model = PeftModel.from_pretrained(base, adapter_dir)
     # LoftQ trained against its own Q, not plain quantize(W): put that backbone back.

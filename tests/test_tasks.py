@@ -9,7 +9,8 @@ from conftest import CONF_DIR, compose, train_run
 
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, tokenize_lm, tokenize_sft
-from lora_lab.metrics import check_metric_names, exact_match
+from lora_lab.metric_names import check_metric_names
+from lora_lab.metrics import exact_match
 from lora_lab.models import byte_level_tokenizer
 from lora_lab.tasks import format_row, load_rows
 
@@ -152,7 +153,14 @@ def test_jsonl_classification_with_label_names(tmp_path):
         )
 
 
-def test_jsonl_missing_field_names_the_key(tmp_path):
+def test_jsonl_rows_of_no_shape_name_their_fields_and_the_keys(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": "b"}])
-    with pytest.raises(ConfigError, match="task.prompt_field='prompt'.*fields: q, a"):
+    with pytest.raises(
+        ConfigError, match="row 0 has fields q, a, .*prompt_response: prompt, response.*task.prompt_field"
+    ):
         load_rows(validate(compose(["task=jsonl", f"task.train_path={path}", f"task.eval_path={path}"])).task)
+    sft = ["task.format=sft", "task.prompt_field=q", "task.response_field=answer"]
+    with pytest.raises(ConfigError, match="task.response_field='answer'.*fields: q, a"):
+        load_rows(
+            validate(compose(["task=jsonl", f"task.train_path={path}", f"task.eval_path={path}", *sft])).task
+        )

@@ -1,6 +1,8 @@
 """Built-in offline tasks, generated deterministically from fixed seeds (nothing to download).
 
 `sort` (causal LM, SFT): sort a short list of digits; the tiny model learns it in a few hundred steps.
+`chat_sort` (causal LM, chat): conversations of a system message and several turns of the sort task,
+rendered with the model's chat template; the loss is on the assistant turns.
 `sentiment` (classification): short reviews whose label follows from the adjective.
 """
 
@@ -35,6 +37,24 @@ def sort_rows(split: str) -> list[dict]:
     return rows
 
 
+CHAT_SORT_SYSTEM = "Sort the digits."
+
+
+def chat_sort_rows(split: str) -> list[dict]:
+    rng = random.Random(_SEEDS[split])
+    rows = []
+    for _ in range(TRAIN_SIZE if split == "train" else EVAL_SIZE):
+        messages = [{"role": "system", "content": CHAT_SORT_SYSTEM}]
+        for _ in range(rng.randint(2, 3)):
+            digits = [str(rng.randrange(10)) for _ in range(rng.randint(3, 5))]
+            messages += [
+                {"role": "user", "content": f"sort {' '.join(digits)}"},
+                {"role": "assistant", "content": " ".join(sorted(digits))},
+            ]
+        rows.append({"messages": messages})
+    return rows
+
+
 def sentiment_rows(split: str) -> list[dict]:
     rng = random.Random(_SEEDS[split])
     rows = []
@@ -46,4 +66,4 @@ def sentiment_rows(split: str) -> list[dict]:
     return rows
 
 
-BUILTIN_TASKS = {"sort": sort_rows, "sentiment": sentiment_rows}
+BUILTIN_TASKS = {"sort": sort_rows, "chat_sort": chat_sort_rows, "sentiment": sentiment_rows}

@@ -1,4 +1,5 @@
-"""Prompt templates of the hub task presets, applied to rows of the hub datasets' own shape.
+"""Prompt templates: GSM8K's for the gsm8k preset (task.template), and Alpaca's, which the alpaca
+row shape (instruction, input, output) is read with.
 
 GLUE tasks (sst2, mrpc, rte) and wikitext2 need no template: their configs name the fields.
 """
@@ -24,7 +25,8 @@ def gsm8k(row: dict) -> dict:
 
 def alpaca(row: dict) -> dict:
     template = ALPACA_WITH_INPUT if row.get("input") else ALPACA_NO_INPUT
-    return {"prompt": template.format(**row), "response": row["output"]}
+    prompt = template.format(instruction=row["instruction"], input=row.get("input"))
+    return {"prompt": prompt, "response": str(row["output"])}
 
 
-TEMPLATES = {"gsm8k": gsm8k, "alpaca": alpaca}
+TEMPLATES = {"gsm8k": gsm8k}

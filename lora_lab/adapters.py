@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -94,12 +95,50 @@ def task_type(kind: str) -> TaskType:
     return TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM
 
 
+def resolve_layers(
+    model: PreTrainedModel, layers: list[int] | str, target_modules: list[str] | str
+) -> list[int] | None:
+    """adapter.layers as the block indices PEFT adapts (None: every block). middle is the middle half
+    of the blocks, top_half the upper (output-side) half."""
+    if layers == "all":
+        return None
+    if isinstance(target_modules, str) and target_modules != "all-linear":  # a regex preset
+        raise ConfigError(
+            "adapter.layers",
+            layers,
+            f"PEFT selects layers only for module names, not for the regex of target_modules preset "
+            f"{target_modules!r}: use adapter.target_modules=all-linear or a list of names",
+        )
+    n = model.config.num_hidden_layers
+    halves = {
+        "bottom_half": list(range(n // 2)),
+        "top_half": list(range(n // 2, n)),
+        "middle": list(range(n // 4, n - n // 4)),
+    }
+    indices = halves[layers] if isinstance(layers, str) else layers
+    if not indices or max(indices) >= n:
+        raise ConfigError("adapter.layers", layers, f"block indices of this model are 0 to {n - 1}")
+    return sorted(indices)
+
+
 def lora_config(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> LoraConfig:
+    target_modules = resolve_target_modules(model, adapter.target_modules)
+    layers = resolve_layers(model, adapter.layers, target_modules)
+    if layers is not None and target_modules == "all-linear":
+        # PEFT takes layers_to_transform with module names only: all-linear's names in the blocks
+        target_modules = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name in _adaptable_module_names(model)
+                if re.search(r"\.\d+\.", name)
+            }
+        )
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        target_modules=resolve_target_modules(model, adapter.target_modules),
+        target_modules=target_modules,
+        layers_to_transform=layers,
         init_lora_weights=PEFT_INIT[adapter.init],
         use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from lora_lab import stats
 from lora_lab.adapters import lora_config
 from lora_lab.config import ConfigError, RunConfig, validate
+from lora_lab.confirm import CONFIRM
 from lora_lab.models import build_tiny_model
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -66,9 +68,9 @@ PLOTS = (
 )
 SEED = "train.seed"  # runs that differ only in it are repeats of one configuration
 QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # most bits first
-CONFIRM = "python -m lora_lab.confirm {target} --top 3 --seeds 5"
-EFFICIENCY_COLUMNS = {"target_modules": "target modules", "r": "r", "trainable": "trainable params"}
+EFFICIENCY_COLUMNS = {"target_modules": "target modules", "layers": "layers", "r": "r"}
 EFFICIENCY_COLUMNS |= {
+    "trainable": "trainable params",
     "base params": "base params",
     "trainable %": "% of base",
     "reduction": "base/trainable",
@@ -185,6 +187,16 @@ def failure_from_log(job: Job) -> str | None:
     return lines[-1].split("] - ", 1)[-1].strip()
 
 
+def harness_scores(metrics: dict, names: list[str]) -> dict:
+    """lm-evaluation-harness scores (harness/<task>/<metric>, baseline_harness/...) that are not the
+    objective, without their standard errors."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k.split("/")[0] in ("harness", "baseline_harness") and "_stderr" not in k and k not in names
+    }
+
+
 def trial_rows(jobs: list[Job], study: optuna.Study | None, names: list[str]) -> tuple[list[str], list[dict]]:
     """One row per trial (per job without a study), and the searched params' names in order."""
     rows = []
@@ -192,10 +204,21 @@ def trial_rows(jobs: list[Job], study: optuna.Study | None, names: list[str]) ->
         by_number = {j.number: j for j in jobs}
         params = list(dict.fromkeys(p for t in study.trials for p in t.params))
         for t in study.trials:
-            metrics = (by_number[t.number].metrics if t.number in by_number else None) or {}
+            # The sweeper stores the measurements on the trial (a mean over its seeds): they are there
+            # without the job dir (a storage URL, a trial run in another sweep dir).
+            metrics = (
+                t.user_attrs.get("metrics")
+                or (by_number[t.number].metrics if t.number in by_number else None)
+                or {}
+            )
             row = {"trial": t.number, "state": t.state.name, **t.params}
+            if (seed_values := t.user_attrs.get("seed_values")) and t.state.name == "COMPLETE":
+                # Keyed by the objectives in order: from a storage URL alone their names are unknown.
+                row["seed runs"] = [
+                    dict(zip(names, v, strict=True)) for v in zip(*seed_values.values(), strict=True)
+                ]
             row |= dict(zip(names, t.values or [None] * len(names), strict=True))
-            row |= {k: metrics.get(k) for k in MEASURES if k not in names}
+            row |= {k: metrics.get(k) for k in MEASURES if k not in names} | harness_scores(metrics, names)
             if t.state.name == "PRUNED":
                 row["pruned at step"] = max(t.intermediate_values, default=None)
             reason = t.user_attrs.get("fail_reason") if t.state.name == "FAIL" else None
@@ -209,17 +232,20 @@ def trial_rows(jobs: list[Job], study: optuna.Study | None, names: list[str]) ->
         state = "COMPLETE" if job.metrics else ("FAIL" if reason else "RUNNING")
         row = {"trial": job.number, "state": state, **{k: job.overrides.get(k) for k in params}}
         row |= {k: (job.metrics or {}).get(k) for k in [*names, *MEASURES] if k not in row}
+        row |= harness_scores(job.metrics or {}, names)
         rows.append(row | {"fail reason": reason})
     return params, rows
 
 
 def config_groups(rows: list[dict], params: list[str]) -> dict[str, list[dict]]:
-    """The completed runs of each configuration (the runs that share every param but the seed), by label."""
+    """The completed runs of each configuration (the runs that share every param but the seed), by label;
+    a trial run with several seeds (hydra.sweeper.seeds) counts each seed's run."""
     keys = [p for p in params if p != SEED]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         if row["state"] == "COMPLETE":
-            groups.setdefault(", ".join(f"{k}={row.get(k)}" for k in keys) or "all runs", []).append(row)
+            runs = [row | run for run in row.get("seed runs", [{}])]
+            groups.setdefault(", ".join(f"{k}={row.get(k)}" for k in keys) or "all runs", []).extend(runs)
     return groups
 
 
@@ -519,8 +545,11 @@ def comparison_section(groups, names, dirs, target: str, out_dir: Path) -> list[
     return section
 
 
-def param_efficiency(run: RunConfig, target_modules: list, ranks: list[int]) -> tuple[list[dict], str]:
-    """Trainable LoRA params per rank, counted by PEFT on the real architecture: rows and a heading."""
+def param_efficiency(
+    run: RunConfig, target_modules: list, ranks: list[int], layers: list | None = None
+) -> tuple[list[dict], str]:
+    """Trainable LoRA params per target modules, adapted layers (when the study varies them) and
+    rank, counted by PEFT on the real architecture: rows and a heading."""
     path = build_tiny_model(run.model.tiny) if run.model.name_or_path is None else run.model.name_or_path
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=run.model.trust_remote_code)
@@ -530,19 +559,19 @@ def param_efficiency(run: RunConfig, target_modules: list, ranks: list[int]) -> 
     if run.model.kind == "seq_cls":
         auto, config.num_labels = AutoModelForSequenceClassification, len(run.task.labels)
     rows = []
-    for modules in target_modules:
-        for r in ranks:
-            with torch.device("meta"):  # shapes only: no weight is allocated or loaded
-                model = auto.from_config(config, trust_remote_code=run.model.trust_remote_code)
-            base = sum(p.numel() for p in model.parameters())
-            # The init changes values, not counts (and loftq or pissa cannot run on meta tensors).
-            adapter = replace(run.adapter, r=r, target_modules=modules, init="gaussian")
-            with warnings.catch_warnings():  # transformers' deprecation notices, raised inside PEFT
-                warnings.simplefilter("ignore", FutureWarning)
-                peft_model = get_peft_model(model, lora_config(model, adapter, run.model.kind))
-            trainable, _ = peft_model.get_nb_trainable_parameters()
-            rows.append({"target_modules": modules, "r": r, "trainable": trainable, "base params": base})
-            rows[-1] |= {"trainable %": 100 * trainable / base, "reduction": base / trainable}
+    for modules, which, r in itertools.product(target_modules, layers or [run.adapter.layers], ranks):
+        with torch.device("meta"):  # shapes only: no weight is allocated or loaded
+            model = auto.from_config(config, trust_remote_code=run.model.trust_remote_code)
+        base = sum(p.numel() for p in model.parameters())
+        # The init changes values, not counts (and loftq or pissa cannot run on meta tensors).
+        adapter = replace(run.adapter, r=r, target_modules=modules, layers=which, init="gaussian")
+        with warnings.catch_warnings():  # transformers' deprecation notices, raised inside PEFT
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora_config(model, adapter, run.model.kind))
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        rows.append({"target_modules": modules, **({"layers": which} if layers else {}), "r": r})
+        rows[-1] |= {"trainable": trainable, "base params": base}
+        rows[-1] |= {"trainable %": 100 * trainable / base, "reduction": base / trainable}
     arch = type(peft_model.get_base_model()).__name__
     return rows, f"Model `{run.model.name}` ({arch}), {rows[0]['base params']:,} base params."
 
@@ -562,8 +591,11 @@ def efficiency_section(jobs: list[Job], rows: list[dict], params: list[str]) -> 
     used = [r["adapter.target_modules"] for r in rows if "adapter.target_modules" in params]
     modules = list(dict.fromkeys(used)) or [run.adapter.target_modules]
     ranks = sorted({*RANKS, *(r["adapter.r"] for r in rows if isinstance(r.get("adapter.r"), int))})
+    layers: list = []
+    for row in rows if "adapter.layers" in params else []:
+        layers += [row["adapter.layers"]] if row["adapter.layers"] not in layers else []
     try:
-        return param_efficiency(run, modules, ranks)
+        return param_efficiency(run, modules, ranks, layers or None)
     except (ConfigError, ValueError, RuntimeError) as e:
         return [], f"Skipped: {str(e).splitlines()[0]}."
 
@@ -582,6 +614,7 @@ def report(target: str, study_name: str | None, out: str | None) -> Path:
     columns |= {n: n if n.startswith("objective") else f"{n} (objective)" for n in names} | {
         k: v for k, v in MEASURES.items() if k not in names
     }
+    columns |= {k: k for r in rows for k in harness_scores(r, names)}
     columns |= {"pruned at step": "pruned at step"} if any("pruned at step" in r for r in rows) else {}
     columns["fail reason"] = "fail reason"
     write_csv(out_dir / "report.csv", list(columns), rows)
@@ -589,8 +622,12 @@ def report(target: str, study_name: str | None, out: str | None) -> Path:
     comparison = comparison_section(groups, names, dirs, target, out_dir)
     figures = write_plots(study, rows, groups, params, names, dirs, title, out_dir)
     eff_rows, eff_note = efficiency_section(jobs, rows, params)
+    # the layers column only where the study varies adapter.layers
+    eff_columns = {
+        k: v for k, v in EFFICIENCY_COLUMNS.items() if k != "layers" or (eff_rows and "layers" in eff_rows[0])
+    }
     if eff_rows:
-        write_csv(out_dir / "param_efficiency.csv", list(EFFICIENCY_COLUMNS), eff_rows)
+        write_csv(out_dir / "param_efficiency.csv", list(eff_columns), eff_rows)
 
     states = {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)}
     source = f"`{without_password(target)}`"
@@ -600,7 +637,7 @@ def report(target: str, study_name: str | None, out: str | None) -> Path:
     md += [f"Trials: {', '.join(f'{n} {s}' for s, n in states.items())}.", "", "## Trials", "", table, ""]
     md += ["## Comparison", "", *comparison]
     md += ["## Figures", "", *(f"{line}\n" for line in figures), "## Parameter efficiency", "", eff_note, ""]
-    md += [markdown_table(EFFICIENCY_COLUMNS, eff_rows), ""] if eff_rows else []
+    md += [markdown_table(eff_columns, eff_rows), ""] if eff_rows else []
     (out_dir / "report.md").write_text("\n".join(md))
     print(out_dir / "report.md")
     print(table)

@@ -8,10 +8,14 @@ and guarantees that every run is finished, so the next trial of a sweep never lo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import netrc
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import optuna
 from transformers import TrainerCallback
@@ -78,9 +82,33 @@ def _wandb_mode(requested: str) -> str:
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    import wandb
+    return "online" if has_wandb_credentials() else "offline"
 
-    return "online" if wandb.api.api_key else "offline"
+
+def has_wandb_credentials() -> bool:
+    """A W&B key where wandb reads it without prompting: WANDB_API_KEY, or ~/.netrc (or $NETRC),
+    where `wandb login` saves it. Not wandb.login(prompt=False), which also checks the key online
+    and hangs on an offline machine, nor wandb.api.api_key, deprecated with a warning on every run."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+# Parts of a run's config that say which run it is, not which configuration it trains.
+RUN_IDENTITY_KEYS = {"optuna_trial", "logger", "tags", "task_name"}
+RUN_IDENTITY_TRAIN_KEYS = {"seed", "resume"}
+
+
+def config_id(config: dict) -> str:
+    """A short hash of what a run trains, its seed left out: repeats of one configuration share it,
+    so grouping the W&B runs table by config_id shows each configuration's mean and spread."""
+    settings = {k: v for k, v in config.items() if k not in RUN_IDENTITY_KEYS}
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in RUN_IDENTITY_TRAIN_KEYS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def start_tracking(
@@ -98,7 +126,7 @@ def start_tracking(
         job_type=job_type,
         name=name,
         tags=[*tags, *cfg.tags],
-        config=config,
+        config={**config, "config_id": config_id(config)},
         dir=str(run_dir),
         reinit="finish_previous",
     )

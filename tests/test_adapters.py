@@ -106,3 +106,52 @@ def test_a_classifier_head_on_a_bf16_base_trains_in_fp32(tmp_path):
         [*overrides, "train.max_steps=4", "train.eval_steps=4", "task.max_eval_samples=16"], tmp_path
     )
     assert metrics["train/steps"] == 4 and metrics["eval/loss"] > 0
+
+
+def adapted_blocks(model, layers, target_modules="all-linear") -> dict[int, set[str]]:
+    """Block index -> the module names adapted in it."""
+    config = lora_config(model, AdapterConfig(target_modules=target_modules, layers=layers), "causal_lm")
+    peft_model = get_peft_model(model, config)
+    blocks: dict[int, set[str]] = {}
+    for name, _ in peft_model.named_modules():
+        if name.endswith(".lora_A"):
+            parts = name.split(".")
+            index = next(int(p) for p in parts if p.isdigit())
+            blocks.setdefault(index, set()).add(parts[-2])
+    return blocks
+
+
+def deep_llama(n: int):
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        ("all", range(8)),
+        ("middle", range(2, 6)),
+        ("top_half", range(4, 8)),
+        ("bottom_half", range(4)),
+        ([0, 7], [0, 7]),
+    ],
+)
+def test_adapter_layers_select_blocks_with_every_linear_layer_of_them(layers, expected):
+    every = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted_blocks(deep_llama(8), layers) == dict.fromkeys(expected, every)
+    assert adapted_blocks(deep_llama(8), layers, ["q_proj", "v_proj"]) == dict.fromkeys(
+        expected, {"q_proj", "v_proj"}
+    )
+
+
+def test_adapter_layers_out_of_range_or_with_a_regex_preset_are_refused():
+    from lora_lab.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"adapter.layers=\[8\] is invalid: block indices of this model are 0 to 7"
+    ):
+        lora_config(deep_llama(8), AdapterConfig(layers=[8]), "causal_lm")
+    with pytest.raises(ConfigError, match="adapter.layers='middle' is invalid: PEFT selects layers only"):
+        lora_config(bert(), AdapterConfig(target_modules="attn", layers="middle"), "seq_cls")

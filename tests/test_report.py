@@ -18,6 +18,9 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 from scipy import stats as scipy_stats
 
+# The module fixture is one costly run: its tests go to one xdist worker (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("report_sweep")
+
 CONFIRM = "python -m lora_lab.confirm {} --top 3 --seeds 5"
 
 

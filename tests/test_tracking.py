@@ -81,6 +81,11 @@ def test_sweep_leaves_one_finished_offline_run_per_trial_grouped_by_study(tmp_pa
                 summary["summary"]["state"] == "failed" and "no_such_kernel" in summary["summary"]["reason"]
             )
     assert len(run_ids) == 3  # each trial logged into its own run
+    # one config_id per configuration: the trials differ in adapter.r or attention
+    config_ids = {
+        inspect(sweep_dir / str(t.number))[1]["config"]["update"]["config_id"] for t in study.trials
+    }
+    assert len(config_ids) == 3
     assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.FAIL}
 
 
@@ -104,3 +109,36 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
             tmp_path,
         )
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_logger_mode_auto_goes_online_only_with_a_saved_or_given_key(tmp_path, monkeypatch):
+    from lora_lab.tracking import has_wandb_credentials
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not has_wandb_credentials()  # no ~/.netrc at all
+    (tmp_path / "netrc").write_text("machine example.org login user password secret\n")
+    assert not has_wandb_credentials()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert has_wandb_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not has_wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert has_wandb_credentials()
+
+
+def test_config_id_is_shared_by_the_seeds_of_one_configuration_only():
+    from dataclasses import asdict
+
+    from conftest import compose
+
+    from lora_lab.config import validate
+    from lora_lab.tracking import config_id
+
+    def run_id(*overrides):
+        return config_id(asdict(validate(compose(list(overrides)))))
+
+    seed_1 = run_id("train.seed=1", "optuna_trial.number=3", "logger.project=x")
+    assert seed_1 == run_id("train.seed=2")
+    assert seed_1 != run_id("train.seed=1", "train.lr=1e-3") and seed_1 != run_id("adapter.r=4")

@@ -7,16 +7,15 @@ BIN := $(VENV)/bin
 HAS_NVIDIA := $(shell command -v nvidia-smi 2>/dev/null)
 CONSTRAINTS ?= $(if $(HAS_NVIDIA),,-c constraints/cpu.txt)
 COMMA := ,
-EXTRAS ?= test$(if $(HAS_NVIDIA),$(COMMA)gpu)
+EXTRAS ?= test$(COMMA)harness$(if $(HAS_NVIDIA),$(COMMA)gpu)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
-export WANDB_MODE ?= offline
 
 .PHONY: help install demo test test-gpu test-oldest test-fast lint bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +23,7 @@ $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
-install: $(BIN)/.installed  ## create .venv and install lora_lab with its test extras
+install: $(BIN)/.installed  ## create .venv and install lora_lab with its test and harness extras
 
 demo: install  ## a real training run of the embedded default (tiny model, built-in task)
 	$(BIN)/python -m lora_lab.train
@@ -34,7 +33,7 @@ demo: install  ## a real training run of the embedded default (tiny model, built
 TEST_WORKERS ?= 2
 
 test: install  ## the full test suite (offline, CPU)
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 test-gpu: install  ## the GPU tests, on a CUDA machine (make test hides the GPU)
 	LORA_LAB_TEST_GPU=1 $(BIN)/python -m pytest -q -ra -m gpu

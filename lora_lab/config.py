@@ -6,6 +6,7 @@ Every check raises `ConfigError` with one line naming the key, the bad value and
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -42,11 +43,25 @@ def exit_on_config_error():
 
 MODEL_KINDS = ("causal_lm", "seq_cls")
 TARGET_PRESETS = ("attn", "mlp", "all-linear", "qv")
+LAYER_PRESETS = ("all", "middle", "top_half", "bottom_half")
 INITS = ("gaussian", "kaiming", "loftq", "pissa", "olora")
 QUANTS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-TASK_SOURCES = ("builtin", "jsonl", "hub")
-TASK_FORMATS = ("sft", "lm", "cls")
+TASK_SOURCES = ("builtin", "files", "hub")
+# What a task's rows are tokenised as (lora_lab/data.py); auto: what the detected row shape needs.
+TASK_FORMATS = ("auto", "sft", "lm", "cls", "chat")
+# The row shapes lora_lab reads (lora_lab/tasks), in the order they are detected, and the format each
+# becomes: OpenAI messages, ShareGPT conversations, Alpaca, TRL's prompt/completion, prompt/response,
+# text with a label (classification), plain text.
+ROW_SHAPE_FORMATS = {
+    "messages": "chat",
+    "conversations": "chat",
+    "alpaca": "sft",
+    "prompt_completion": "sft",
+    "prompt_response": "sft",
+    "text_label": "cls",
+    "text": "lm",
+}
 METRIC_DIRECTIONS = ("maximize", "minimize")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -85,6 +100,9 @@ class AdapterConfig:
     loftq_svd: str = "randomized"  # randomized (rank-r, fast) | exact
     use_rslora: bool = False
     use_dora: bool = False
+    # Which transformer blocks get adapters: all, middle (the middle half), top_half, bottom_half, or
+    # a list of block indices (PEFT's layers_to_transform).
+    layers: Any = "all"
     # An existing PEFT LoRA adapter (dir or hub id) to continue training or, with
     # train.max_steps=0, only to evaluate; r, alpha and targets then come from it.
     init_from: str | None = None
@@ -104,21 +122,25 @@ class TaskConfig:
     name: str = "sort"
     kind: str = "causal_lm"
     source: str = "builtin"
+    # auto, or one of TASK_FORMATS: a fixed format limits detection to the row shapes that make it
     format: str = "sft"
-    template: str | None = None  # a prompt template for hub presets (gsm8k, alpaca)
+    shape: str | None = None  # null: detected from the first row; or one of ROW_SHAPE_FORMATS
+    template: str | None = None  # a prompt template for hub presets (gsm8k)
     answer_pattern: str | None = None  # regex whose group 1 is the answer compared by exact_match
     dataset: str | None = None  # hub dataset id
     dataset_config: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
+    # source=files: a file (.jsonl .json .csv .tsv .parquet .arrow), a glob, or a save_to_disk dir
     train_path: str | None = None
-    eval_path: str | None = None
+    eval_path: str | None = None  # null: eval_fraction of the training rows, split with a fixed seed
+    eval_fraction: float = 0.1
     text_field: str = "text"
     text_pair_field: str | None = None
     label_field: str = "label"
     prompt_field: str = "prompt"
     response_field: str = "response"
-    labels: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # source=files: empty infers them, sorted
     metrics: list[str] = field(default_factory=list)
     metric: str = "loss"
     metric_direction: str = "minimize"
@@ -126,6 +148,22 @@ class TaskConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     generate_max_new_tokens: int = 32
+    # Conversations: which assistant turns carry the loss (all_assistant | last_turn), and the chat
+    # template for a tokenizer without one (chatml, llama3, or a Jinja string).
+    train_on: str = "all_assistant"
+    chat_template: str | None = None
+
+
+@dataclass
+class HarnessConfig:
+    """EleutherAI lm-evaluation-harness on the trained model (empty `tasks`: off)."""
+
+    tasks: list[str] = field(default_factory=list)
+    num_fewshot: int | None = None
+    limit: int | None = None  # examples per task (for sweeps); null: all
+    batch_size: int = 8
+    include_path: str | None = None  # a folder of the user's own task YAMLs (lm-eval's --include_path)
+    baseline: bool = False  # also score the untrained adapter, as baseline_harness/...
 
 
 @dataclass
@@ -195,6 +233,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     # One metric name, or a list of them for a multi-objective study.
     optimized_metric: Any = "eval/loss"
     optuna_trial: TrialRef = field(default_factory=TrialRef)
@@ -205,6 +244,24 @@ class RunConfig:
 # The root config lists this schema first in its defaults: every group's yaml merges onto it, so
 # keys a preset leaves out take these defaults and a wrongly typed override fails at composition.
 ConfigStore.instance().store(name="lora_lab_schema", node=RunConfig)
+
+# The metrics of a task that leaves them to its kind (task=files):
+# `metrics: ${lora_lab.kind_default:metrics,${task.kind}}`. An unknown kind is refused by validate.
+KIND_METRIC_DEFAULTS = {
+    "causal_lm": {
+        "metrics": ["token_accuracy", "perplexity"],
+        "metric": "loss",
+        "metric_direction": "minimize",
+    },
+    "seq_cls": {"metrics": ["accuracy", "f1_macro"], "metric": "accuracy", "metric_direction": "maximize"},
+}
+
+
+def _kind_default(key: str, kind: str) -> Any:
+    return KIND_METRIC_DEFAULTS.get(kind, KIND_METRIC_DEFAULTS["causal_lm"])[key]
+
+
+OmegaConf.register_resolver("lora_lab.kind_default", _kind_default, replace=True)
 
 
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -310,6 +367,16 @@ def validate(cfg: DictConfig, command_line: list[str] | None = None) -> RunConfi
             tm,
             f"a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of names",
         )
+    if isinstance(a.layers, str):
+        _choice("adapter.layers", a.layers, LAYER_PRESETS)
+    elif not (
+        isinstance(a.layers, list) and a.layers and all(isinstance(i, int) and i >= 0 for i in a.layers)
+    ):
+        raise ConfigError(
+            "adapter.layers",
+            a.layers,
+            f"a preset ({', '.join(LAYER_PRESETS)}) or a list of block indices >= 0",
+        )
     _choice("adapter.init", a.init, INITS)
     _choice("adapter.loftq_svd", a.loftq_svd, ("randomized", "exact"))
     if a.loftq_iter < 1:
@@ -327,21 +394,51 @@ def validate(cfg: DictConfig, command_line: list[str] | None = None) -> RunConfi
     _choice("task.kind", t.kind, MODEL_KINDS)
     _choice("task.source", t.source, TASK_SOURCES)
     _choice("task.format", t.format, TASK_FORMATS)
+    if t.shape is not None:
+        _choice("task.shape", t.shape, tuple(ROW_SHAPE_FORMATS))
+        if t.format not in ("auto", ROW_SHAPE_FORMATS[t.shape]):
+            raise ConfigError(
+                "task.format",
+                t.format,
+                f"task.shape={t.shape} is read as {ROW_SHAPE_FORMATS[t.shape]} (or auto)",
+            )
     _choice("task.metric_direction", t.metric_direction, METRIC_DIRECTIONS)
-    if (t.format == "cls") != (t.kind == "seq_cls"):
+    from lora_lab.chat import check_chat_options  # chat imports this module's ConfigError
+
+    check_chat_options(t.train_on, t.chat_template)
+    classifier = t.kind == "seq_cls"
+    if t.shape is not None and (ROW_SHAPE_FORMATS[t.shape] == "cls") != classifier:
+        raise ConfigError(
+            "task.shape",
+            t.shape,
+            "task.kind=seq_cls reads text_label rows"
+            if classifier
+            else "text_label rows need task.kind=seq_cls",
+        )
+    if t.format != "auto" and (t.format == "cls") != classifier:
         raise ConfigError(
             "task.format",
             t.format,
-            f"task.kind={t.kind} needs task.format=" + ("cls" if t.kind == "seq_cls" else "sft or lm"),
+            f"task.kind={t.kind} needs task.format="
+            + ("cls or auto" if classifier else "auto, sft, lm or chat"),
         )
-    if t.kind == "seq_cls" and len(t.labels) < 2:
+    # Files infer their labels from the training rows (lora_lab/tasks); one label is no classifier.
+    if t.kind == "seq_cls" and len(t.labels) < 2 and (t.labels or t.source != "files"):
         raise ConfigError("task.labels", t.labels, "a classification task needs at least two label names")
-    if t.source == "jsonl":
-        for key, path in (("task.train_path", t.train_path), ("task.eval_path", t.eval_path)):
-            if not path:
-                raise ConfigError(key, path, "task=jsonl needs a path to a .jsonl file")
-            if not os.path.isfile(path):
-                raise ConfigError(key, path, "no such file")
+    if t.source == "files":
+        from lora_lab.tasks.files import data_files  # the task package imports this module
+
+        if not t.train_path:
+            raise ConfigError("task.train_path", t.train_path, "task=files needs the training data's path")
+        data_files("task.train_path", t.train_path)
+        if t.eval_path:
+            data_files("task.eval_path", t.eval_path)
+        elif not 0.0 < t.eval_fraction < 1.0:
+            raise ConfigError(
+                "task.eval_fraction",
+                t.eval_fraction,
+                "without task.eval_path, a fraction in (0, 1) to evaluate on",
+            )
     if t.source == "hub" and not t.dataset:
         raise ConfigError("task.dataset", t.dataset, "a hub task needs a dataset id")
     if t.max_length < 8:
@@ -384,4 +481,36 @@ def validate(cfg: DictConfig, command_line: list[str] | None = None) -> RunConfi
     _choice("logger.name", run.logger.name, ("none", "wandb"))
     _choice("logger.mode", run.logger.mode, ("auto", "online", "offline"))
 
+    check_harness(run.harness, m.kind)
+
     return run
+
+
+def check_harness(h: HarnessConfig, model_kind: str) -> None:
+    """The harness.* settings (validate's check, and `python -m lora_lab.evaluate`'s for a finished run)."""
+    if h.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            "harness.tasks",
+            h.tasks,
+            "lm-evaluation-harness is not installed: pip install 'lora_lab[harness]'",
+        )
+    if h.tasks and model_kind != "causal_lm":
+        raise ConfigError(
+            "harness.tasks", h.tasks, "lm-eval scores language models: it needs model.kind=causal_lm"
+        )
+    if not all(isinstance(name, str) and name for name in h.tasks) or len(set(h.tasks)) < len(h.tasks):
+        raise ConfigError("harness.tasks", h.tasks, "a list of distinct lm-eval task, group or tag names")
+    if h.baseline and not h.tasks:
+        raise ConfigError("harness.baseline", True, "it scores harness.tasks: name at least one")
+    if h.num_fewshot is not None and h.num_fewshot < 0:
+        raise ConfigError(
+            "harness.num_fewshot", h.num_fewshot, "an integer >= 0, or null for each task's own"
+        )
+    if h.limit is not None and h.limit < 1:
+        raise ConfigError("harness.limit", h.limit, "examples per task: an integer >= 1, or null for all")
+    if h.batch_size < 1:
+        raise ConfigError("harness.batch_size", h.batch_size, "must be an integer >= 1")
+    if h.include_path is not None and not os.path.isdir(h.include_path):
+        raise ConfigError(
+            "harness.include_path", h.include_path, "no such directory (a folder of task YAMLs)"
+        )

@@ -19,42 +19,15 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lora_lab.config import ConfigError
 from lora_lab.data import IGNORE_INDEX
 from lora_lab.loftq import dequantized_weight
+from lora_lab.metric_names import step_metrics
 
 MODULES_DIR = Path(__file__).parent / "metric_modules"
-DERIVED_METRICS = ("perplexity",)
-FINAL_METRICS = ("exact_match",)
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(MODULES_DIR / name))
-
-
-def step_metrics(kind: str, labels: list[str]) -> dict[str, tuple[str, dict]]:
-    """The metrics of the Trainer's eval loop, by name: (metric module, its compute arguments).
-    Binary F1 depends on which label is positive, so its name says it: f1_<label>, for two labels;
-    f1_macro is the mean of every label's F1, for any number of them."""
-    if kind == "causal_lm":
-        return {"token_accuracy": ("accuracy", {})}
-    binary = (
-        {f"f1_{label}": ("f1", {"average": "binary", "pos_label": i}) for i, label in enumerate(labels)}
-        if len(labels) == 2
-        else {}
-    )
-    return {"accuracy": ("accuracy", {}), **binary, "f1_macro": ("f1", {"average": "macro"})}
-
-
-def check_metric_names(kind: str, names: list[str], primary: str, labels: list[str]) -> None:
-    valid = (*step_metrics(kind, labels), *(DERIVED_METRICS + FINAL_METRICS if kind == "causal_lm" else ()))
-    for name in names:
-        if name not in valid:
-            raise ConfigError(
-                "task.metrics", names, f"{name!r} is not available for {kind}; valid: {', '.join(valid)}"
-            )
-    if primary != "loss" and primary not in names:
-        raise ConfigError("task.metric", primary, f"must be loss or one of task.metrics ({', '.join(names)})")
 
 
 def argmax_logits(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:

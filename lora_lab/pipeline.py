@@ -1,34 +1,31 @@
-"""Entrypoint: compose -> validate -> model -> adapter -> data -> train -> evaluate -> write -> objective.
+"""One training run on a validated config: model -> adapter -> data -> train -> evaluate -> write.
 
-python -m lora_lab.train model=llama3_8b task=gsm8k adapter.r=16 quant=nf4
+The command line (lora_lab/train.py) composes and validates the config before this module, and with
+it torch and transformers, is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
-import torch
 import transformers
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
 
 from lora_lab.adapters import attach_adapter, load_adapter
-from lora_lab.config import ConfigError, validate
-from lora_lab.data import build_task_data, longest_batch
+from lora_lab.config import RunConfig
+from lora_lab.data import build_task_data, longest_batch, row_sources
+from lora_lab.harness import Harness
 from lora_lab.loftq import LoftQRecipe, loftq_recipe, prepare_quantized_adapter, summarise
+from lora_lab.metric_names import check_reported, objective_names
 from lora_lab.metrics import (
     ExactMatchScorer,
     add_perplexity,
-    check_metric_names,
     lora_diagnostics,
     step_metrics_fn,
     summarise_diagnostics,
@@ -36,14 +33,13 @@ from lora_lab.metrics import (
 from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
 from lora_lab.pruning import load_trial, pruning_callback
 from lora_lab.speed import apply_speed_switches, checkpointing_needed
-from lora_lab.tasks import load_rows
+from lora_lab.tasks import DATA_RECORD, load_task, read_record
 from lora_lab.tracking import DiagnosticsCallback, tracking
 from lora_lab.trainer import (
     CheckpointCompletion,
     DivergenceGuard,
     MeasureCallback,
     Measurements,
-    TrainingDiverged,
     baseline_eval,
     build_trainer,
     latest_complete_checkpoint,
@@ -53,13 +49,6 @@ from lora_lab.trainer import (
 )
 
 log = logging.getLogger("lora_lab")
-# Measurements of the run that a (multi-objective) sweep may optimise besides eval metrics.
-RUN_MEASURES = ("params/trainable", "memory/peak_gib", "speed/tokens_per_second", "time/wall_seconds")
-OOM_ADVICE = (
-    "To use less memory: lower train.batch_size and raise train.grad_accum (same global batch), "
-    "train.gradient_checkpointing=true, quant=nf4, a smaller task.max_length or adapter.r, "
-    "or adapter.target_modules=attn"
-)
 # Trainer bookkeeping among the eval_* keys: not metrics of the model.
 _EVAL_BOOKKEEPING = {
     "eval_runtime",
@@ -67,18 +56,6 @@ _EVAL_BOOKKEEPING = {
     "eval_steps_per_second",
     "eval_model_preparation_time",
 }
-
-
-def objective_names(optimized_metric: str | list[str], task_metrics: list[str]) -> list[str]:
-    """The metrics a sweep optimises; checked before anything is trained."""
-    names = [optimized_metric] if isinstance(optimized_metric, str) else list(optimized_metric)
-    available = {"eval/loss", *(f"eval/{m}" for m in task_metrics), *RUN_MEASURES}
-    unknown = [n for n in names if n not in available]
-    if not names or unknown:
-        raise ConfigError(
-            "optimized_metric", optimized_metric, f"this run reports {', '.join(sorted(available))}"
-        )
-    return names
 
 
 def named_eval_metrics(raw: dict, prefix: str) -> dict[str, float]:
@@ -90,23 +67,15 @@ def named_eval_metrics(raw: dict, prefix: str) -> dict[str, float]:
     }
 
 
-def train(
-    cfg: DictConfig,
-    run_dir: Path,
-    pruner_cfg=None,
-    run_name: str = "default",
-    command_line: list[str] = (),
-) -> dict[str, float]:
-    """One training run; returns the final metrics, also written to run_dir/metrics.json.
-    `command_line`: the run's overrides, which win over presets' schedules.
+def train(run: RunConfig, run_dir: Path, pruner_cfg=None, run_name: str = "default") -> dict[str, float]:
+    """One training run of a validated config (`config.validate`); returns the final metrics, also
+    written to run_dir/metrics.json.
 
     In a sweep job with a pruner, a pruned run raises optuna.TrialPruned before writing outputs.
     """
     started = time.perf_counter()
-    run = validate(cfg, list(command_line))
     task = run.task
-    check_metric_names(task.kind, task.metrics, task.metric, task.labels)
-    objectives = objective_names(run.optimized_metric, task.metrics)
+    objectives = objective_names(run.optimized_metric, task.metrics, run.harness)
     in_sweep = run.optuna_trial.study_name is not None
     with tracking(
         run.logger,
@@ -125,9 +94,14 @@ def train(
     ) as tracker:
         device = resolve_device(run.train.device)
         compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
+        # loaded first: a hub task without its dataset (offline) fails the run before it trains
+        harness = Harness(run.harness) if run.harness.tasks else None
         transformers.set_seed(run.train.seed)
 
-        train_rows, eval_rows = load_rows(task)
+        # fills in what the data decides (task.format=auto, a classifier's labels) before the model
+        train_rows, eval_rows, data_record = load_task(
+            task, read_record(run_dir) if run.train.resume else None
+        )
         model, tokenizer = load_model(run.model, run.quant, task.labels, device)
         if run.adapter.init_from is not None:
             model = load_adapter(
@@ -156,6 +130,9 @@ def train(
             task.max_length,
             run.train.packing,
             attn_implementation=run.model.attn_implementation,
+            train_on=task.train_on,
+            chat_template=task.chat_template,
+            row_sources=row_sources(task),
         )
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
 
@@ -206,6 +183,12 @@ def train(
             task.kind,
             run.train.loraplus_lr_ratio,
         )
+        if trainer.is_world_process_zero():  # reloads and resumes read the data as this run does
+            write_json(run_dir / DATA_RECORD, data_record)
+        # The untrained adapter itself (as baseline/* evaluates it), not the base with the adapter
+        # disabled: LoftQ, PiSSA and OLoRA adapters change the model from the start, and an
+        # init_from adapter starts trained. Scoring leaves the random streams as they were.
+        baseline_scores = harness.score(model, tokenizer, "baseline_harness") if run.harness.baseline else {}
         reset_peak_memory(device)  # the peak of training and evaluation, not of loading or the probe
         if run.train.max_steps != 0:  # 0: evaluate an existing adapter (adapter.init_from) only
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -218,6 +201,8 @@ def train(
             add_perplexity(metrics)
         if "exact_match" in task.metrics:
             metrics["eval/exact_match"] = score_exact_match(model)
+        if harness is not None:  # after the peak memory reading: lm-eval's batches are not training's
+            metrics |= harness.score(model, tokenizer) | baseline_scores
 
         baseline = baseline_eval(trainer.state.log_history)
         if baseline is not None:
@@ -245,6 +230,7 @@ def train(
         if trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 writes
             write_outputs(run_dir, model, metrics, quant_errors, loftq)
         log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
+        check_reported(objectives, metrics)
         return metrics
 
 
@@ -279,47 +265,11 @@ def write_outputs(
     if quant_errors is not None:
         write_json(run_dir / "quant_error.json", quant_errors)
     write_json(run_dir / "metrics.json", metrics)
+    with contextlib.suppress(OSError):  # the Trainer makes checkpoints/ even when it saves none
+        (run_dir / "checkpoints").rmdir()
 
 
 def write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def run_name(overrides: list[str]) -> str:
-    """The run's name in trackers: its command-line overrides, without the sweeper's bookkeeping."""
-    own = [o for o in overrides if not o.startswith("++optuna_trial.")]
-    return ",".join(own) if own else "default"
-
-
-@hydra.main(config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | list[float]:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        metrics = train(
-            cfg,
-            run_dir,
-            pruner_cfg=hydra_cfg.sweeper.get("pruner"),
-            run_name=run_name(hydra_cfg.overrides.task),
-            command_line=list(hydra_cfg.overrides.task),
-        )
-    except torch.cuda.OutOfMemoryError as e:
-        log.error("CUDA out of memory (%s). %s", str(e).splitlines()[0], OOM_ADVICE)
-        if hydra_cfg.mode == RunMode.RUN:
-            sys.exit(3)
-        raise
-    except (ConfigError, TrainingDiverged) as e:
-        log.error("%s", e)
-        if hydra_cfg.mode == RunMode.RUN:
-            sys.exit(2)  # one clear line, no traceback; in a sweep the error fails only this trial
-        raise
-    log.info("outputs in %s", run_dir)
-    names = objective_names(cfg.optimized_metric, list(cfg.task.metrics))
-    values = [metrics[name] for name in names]
-    return values[0] if isinstance(cfg.optimized_metric, str) else values
-
-
-if __name__ == "__main__":
-    main()

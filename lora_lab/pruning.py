@@ -64,6 +64,7 @@ class PruningCallback(TrainerCallback):
         self.trial, self.objective, self.score_exact_match = trial, objective, score_exact_match
         self.pruned_at: tuple[int, float] | None = None
         self.training = False
+        self.reported_steps: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -87,7 +88,10 @@ class PruningCallback(TrainerCallback):
         value = self.value(metrics or {}, model)
         if value is None or not math.isfinite(value):
             return
+        if state.global_step in self.reported_steps:
+            return  # Optuna keeps only the first value of a step, and warns at a second
         self.trial.report(value, state.global_step)
+        self.reported_steps.add(state.global_step)
         log.info("step %d: %s=%.4g reported to the pruner", state.global_step, self.objective, value)
         if self.trial.should_prune():
             self.pruned_at = (state.global_step, value)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft.optimizers import create_loraplus_optimizer
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from lora_lab.config import TrainConfig
 from lora_lab.data import IGNORE_INDEX, TaskData, real_tokens
@@ -52,6 +55,73 @@ class MeasureCallback(TrainerCallback):
         self.measurements.train_seconds = time.perf_counter() - self._started - self._eval_seconds
         self.measurements.tokens_seen = int(state.num_input_tokens_seen)
         self.measurements.tokens_this_process = self.measurements.tokens_seen - self._tokens_at_start
+
+
+log = logging.getLogger("lora_lab")
+# The Trainer's log entries that are bookkeeping, not the model's progress.
+_QUIET_LOG_KEYS = {"epoch", "total_flos", "train_samples_per_second", "train_steps_per_second"}
+
+
+def format_log(logs: dict) -> str:
+    """One log entry as `loss 3.015 · grad_norm 1.2 · lr 0.003`: eval metrics by their short name,
+    the eval loop's timings dropped."""
+    items = []
+    for key, value in logs.items():
+        if key in _QUIET_LOG_KEYS or key.endswith(("_runtime", "_per_second")):
+            continue
+        name = key.removeprefix("eval_")
+        items.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+    return " · ".join(items)
+
+
+def write_to_log_files(line: str) -> None:
+    """A line for the run's train.log (Hydra's file handler on the root logger), not the console."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+class ConsoleCallback(TrainerCallback):
+    """What training shows, on the main process only: on a terminal a progress bar with the latest
+    loss, otherwise (a log file, Slurm, CI) one line per logging step and per evaluation. Every line
+    also goes to the run's train.log, through the `lora_lab` logger. Replaces the Trainer's printed
+    dicts (PrinterCallback) and its bar (ProgressCallback)."""
+
+    def __init__(self, terminal: bool | None = None):
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = None
+        self.trained = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.terminal:
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="training", dynamic_ncols=True
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or self.trained:
+            return  # after training: the run's final line says its metrics
+        kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        line = f"{kind} step {state.global_step}/{state.max_steps}: {format_log(logs)}"
+        if self.bar is None:
+            log.info("%s", line)
+            return
+        if "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4g}")
+        if kind == "eval":
+            self.bar.write(line)  # above the bar
+        write_to_log_files(line)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trained = True
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def baseline_eval(log_history: list[dict]) -> dict | None:
@@ -241,7 +311,7 @@ def build_trainer(
     loraplus_lr_ratio: float | None = None,
 ) -> Trainer:
     optimizer = loraplus_optimizer(model, args, loraplus_lr_ratio) if loraplus_lr_ratio else None
-    return AdapterTrainer(
+    trainer = AdapterTrainer(
         model=model,
         processing_class=tokenizer,
         args=args,
@@ -254,6 +324,10 @@ def build_trainer(
         optimizers=(optimizer, None),  # None: the Trainer's own AdamW; its scheduler in both cases
         causal_lm=kind == "causal_lm",
     )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ConsoleCallback())
+    return trainer
 
 
 def reset_peak_memory(device: str) -> None:

@@ -55,15 +55,19 @@ def compose(overrides: list[str]):
 
 def train_run(overrides: list[str], run_dir: Path) -> dict:
     """A real training run, in-process, on the composed config, the overrides as its command line."""
-    from lora_lab.train import train
+    from lora_lab.config import validate
+    from lora_lab.pipeline import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return train(compose(overrides), run_dir, command_line=overrides)
+    return train(validate(compose(overrides), overrides), run_dir)
 
 
-def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m <module> args` in a subprocess, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cli(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m <module> args` in a subprocess, as a user runs it; `env` changes the environment
+    (a None value unsets the variable)."""
+    env = {k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}.items() if v is not None}
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

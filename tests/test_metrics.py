@@ -20,11 +20,12 @@ from transformers import EvalPrediction
 
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data
-from lora_lab.metrics import ExactMatchScorer, check_metric_names, step_metrics_fn
+from lora_lab.metric_names import check_metric_names
+from lora_lab.metrics import ExactMatchScorer, step_metrics_fn
 from lora_lab.models import byte_level_tokenizer, load_model
+from lora_lab.pipeline import train
 from lora_lab.pruning import pruning_callback
 from lora_lab.tasks import load_rows
-from lora_lab.train import train
 
 
 def trained_model(overrides: list[str], run_dir):
@@ -53,7 +54,7 @@ def sweep_job(tmp_path, overrides: list[str], pruner: dict, direction: str):
     ]
     (tmp_path / "run").mkdir()
     try:
-        metrics = train(compose(job), tmp_path / "run", pruner_cfg=OmegaConf.create(pruner))
+        metrics = train(validate(compose(job), job), tmp_path / "run", pruner_cfg=OmegaConf.create(pruner))
     except optuna.TrialPruned as pruned:
         metrics = {"pruned": str(pruned)}
     reported = optuna.load_study(study_name="s", storage=storage).trials[0].intermediate_values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import os
@@ -57,9 +58,19 @@ def load(tmp_path) -> optuna.Study:
 
 
 def test_study_runs_and_resumes_in_sqlite(tmp_path):
-    sweep_dir = sweep(tmp_path, "hydra.sweeper.n_trials=4")
+    output = sweep_output(tmp_path, "hydra.sweeper.n_trials=4")
+    sweep_dir = tmp_path / "s"
     study = load(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    # one progress line per trial, with the best so far; none of Optuna's own lines
+    for trial in study.trials:
+        best = max(study.trials[: trial.number + 1], key=lambda t: t.value)
+        assert (
+            f"trial {trial.number + 1}/4 COMPLETE value {trial.value:.4g} (best {best.value:.4g}, #{best.number})"
+            in output
+        )
+    assert "new study study in sqlite:///" in output
+    assert "A new study created" not in output and "Using an existing study" not in output
     for trial in study.trials:  # each trial's value is its job's metric
         metrics = json.loads((sweep_dir / str(trial.number) / "metrics.json").read_text())
         assert trial.value == pytest.approx(metrics["eval/token_accuracy"])
@@ -70,7 +81,9 @@ def test_study_runs_and_resumes_in_sqlite(tmp_path):
     assert summary["trial_states"]["COMPLETE"] == 4
     assert f"adapter.r={study.best_params['adapter.r']}" in summary["best_command"]
 
-    resumed = sweep(tmp_path, "hydra.sweeper.n_trials=2", name="resumed")
+    output = sweep_output(tmp_path, "hydra.sweeper.n_trials=2", name="resumed")
+    resumed = tmp_path / "resumed"
+    assert "resuming study study with 4 earlier trials" in output and "trial 2/2 COMPLETE" in output
     study = load(tmp_path)
     assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert sorted(p.name for p in resumed.iterdir() if p.name.isdigit()) == ["4", "5"]
@@ -219,7 +232,7 @@ def test_parallel_trials_with_the_submitit_launcher(tmp_path):
 
 
 def _open_study_at_once(barrier, storage: str, study_name: str) -> None:
-    from hydra_plugins.lora_lab_sweeper.lora_lab_sweeper import create_or_load_study
+    from hydra_plugins.lora_lab_sweeper._impl import create_or_load_study
 
     barrier.wait()
     create_or_load_study(study_name=study_name, storage=storage, directions=["minimize"])
@@ -234,7 +247,7 @@ def test_workers_starting_together_on_an_empty_postgresql_database_all_open_the_
     import psycopg
 
     context = multiprocessing.get_context("spawn")
-    for round_ in range(5):
+    for round_ in range(3):
         with psycopg.connect(postgres_url, autocommit=True) as connection:
             connection.execute(f"CREATE DATABASE race{round_}")
         storage = postgres_url.rsplit("/", 1)[0] + f"/race{round_}"
@@ -550,7 +563,7 @@ IDENTITY = {"optimized_metric": "eval/loss", "hydra.sweeper.direction": "minimiz
 
 
 def _check_identity_at_once(barrier, storage: str, identity: dict) -> None:
-    from hydra_plugins.lora_lab_sweeper.lora_lab_sweeper import check_identity, create_or_load_study
+    from hydra_plugins.lora_lab_sweeper._impl import check_identity, create_or_load_study
 
     barrier.wait()
     study = create_or_load_study(study_name="shared", storage=storage, directions=["minimize"])
@@ -564,7 +577,7 @@ def test_workers_starting_one_study_together_all_pass_its_identity_check(postgre
 
     import psycopg
 
-    from hydra_plugins.lora_lab_sweeper.lora_lab_sweeper import IDENTITY_ATTR, check_identity
+    from hydra_plugins.lora_lab_sweeper._impl import IDENTITY_ATTR, check_identity
     from lora_lab.config import ConfigError
 
     with psycopg.connect(postgres_url, autocommit=True) as connection:
@@ -584,3 +597,18 @@ def test_workers_starting_one_study_together_all_pass_its_identity_check(postgre
     assert study.user_attrs[IDENTITY_ATTR] == IDENTITY
     with pytest.raises(ConfigError, match=r"train\.max_steps: 11 here, 10 in the study"):
         check_identity(study, {**IDENTITY, "train.max_steps": "11"})
+
+
+def test_successive_halving_preset_stops_trials_at_their_first_rung(tmp_path):
+    sweep_dir = sweep(tmp_path, "hydra.sweeper.n_trials=4", search="hparams_search=lora_asha")
+    study = load(tmp_path)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and study.trials[0].state == TrialState.COMPLETE
+    for trial in pruned:  # stopped at the first rung (min_resource = train.eval_steps = 5) of 10 steps
+        assert max(trial.intermediate_values) == 5
+        earlier = [t.intermediate_values[5] for t in study.trials if t.number < trial.number]
+        assert trial.intermediate_values[5] < max(earlier)  # not the best at that rung: token accuracy
+    report = cli(["-m", "lora_lab.report", str(sweep_dir)], cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-2000:]
+    rows = list(csv.DictReader((sweep_dir / "report.csv").read_text().splitlines()))
+    assert [r["pruned at step"] for r in rows if r["state"] == "PRUNED"] == ["5"] * len(pruned)

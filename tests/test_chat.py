@@ -257,10 +257,12 @@ def test_packing_keeps_each_conversation_one_example_apart_from_the_others():
     assert len(segments) == len(rows)
 
 
-# The tiny model's schedule with a constant learning rate after warmup; the README's chat run.
+# The README's chat run (a constant learning rate after warmup) at half its batch, to halve the test's
+# cost: exact match 0 -> 0.109 on 64 conversations (0.125 at the README's batch of 16).
 CHAT_SORT_RUN = [
     "task=chat_sort",
     "train.max_steps=300",
+    "train.batch_size=8",
     "train.lr_scheduler=constant_with_warmup",
     "train.eval_steps=300",
     "task.max_eval_samples=64",

@@ -67,6 +67,15 @@ def quiet_other_ranks() -> None:
             handler.setLevel(logging.ERROR)
 
 
+def log_hub_once() -> None:
+    """huggingface_hub logs through a stderr handler of its own and also, propagating, through Hydra's:
+    every Hub warning (an offline retry, say) was printed twice. Hydra's handlers alone print it once
+    and write it to train.log."""
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
+
+
 def fail(message: str, status: int, single_run: bool) -> None:
     """A single run ends with one line and `status`, no traceback; in a sweep the caller re-raises,
     and the error fails only its trial."""
@@ -104,6 +113,8 @@ def run_job(cfg: DictConfig, run_dir: Path, single_run: bool) -> float | list[fl
 
     from lora_lab.pipeline import train
     from lora_lab.trainer import TrainingDiverged
+
+    log_hub_once()
 
     try:
         metrics = train(

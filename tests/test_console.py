@@ -189,3 +189,25 @@ def test_a_new_classifier_head_is_one_plain_line_not_a_load_report(caplog):
     assert "LOAD REPORT" not in caplog.text and "MISSING" not in caplog.text and "\x1b[" not in caplog.text
     (line,) = [r.getMessage() for r in caplog.records if "new weights" in r.getMessage()]
     assert line == "new weights, trained in full with the adapter: classifier.bias, classifier.weight"
+
+
+def test_a_hub_warning_is_printed_once_and_reaches_train_log(tmp_path):
+    import logging
+
+    import lora_lab.pipeline  # noqa: F401  imports huggingface_hub, which adds its own handler
+    from lora_lab.train import log_hub_once
+
+    hub = logging.getLogger("huggingface_hub.utils._http")
+    root = logging.getLogger()
+    train_log = logging.FileHandler(tmp_path / "train.log")
+    saved = list(root.handlers)
+    root.handlers = [train_log]
+    try:
+        assert logging.getLogger("huggingface_hub").handlers  # its own stderr handler, before
+        log_hub_once()
+        hub.warning("Retrying in 1s [Retry 1/5].")
+    finally:
+        root.handlers = saved
+        train_log.close()
+    assert logging.getLogger("huggingface_hub").handlers == []
+    assert (tmp_path / "train.log").read_text() == "Retrying in 1s [Retry 1/5].\n"

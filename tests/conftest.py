@@ -73,6 +73,12 @@ def cli(
     )
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Rows as a JSONL file; its path, for a task.*_path override."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -4,7 +4,6 @@ multiple-choice accuracy."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import SWEEP_FAST, cli, read_metrics
+from conftest import SWEEP_FAST, cli, read_metrics, write_jsonl
 from optuna.trial import TrialState
 
 from lora_lab.config import HarnessConfig
@@ -100,11 +99,6 @@ def choice_rows() -> list[dict]:
         rng.shuffle(choices)
         rows.append({"prompt": row["prompt"], "choices": choices, "gold": choices.index(right)})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ greedy decoding one prompt at a time, and the values a pruner received, read bac
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
@@ -12,7 +11,7 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL_EVAL, compose, read_metrics, train_run
+from conftest import SMALL_EVAL, compose, read_metrics, train_run, write_jsonl
 from omegaconf import OmegaConf
 from peft import PeftModel
 from sklearn.metrics import f1_score
@@ -32,11 +31,6 @@ def trained_model(overrides: list[str], run_dir):
     run = validate(compose(overrides))
     base, tokenizer = load_model(run.model, run.quant, run.task.labels, "cpu")
     return PeftModel.from_pretrained(base, run_dir / "adapter").eval(), tokenizer, run
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def sweep_job(tmp_path, overrides: list[str], pruner: dict, direction: str):

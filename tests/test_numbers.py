@@ -4,14 +4,13 @@ after a resume, each run's own peak memory, the SFT label boundary, and which sc
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose, train_run
+from conftest import compose, train_run, write_jsonl
 from tokenizers import Tokenizer, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast, set_seed
 
@@ -85,10 +84,6 @@ def test_any_split_of_a_global_batch_gives_its_loss_and_gradient(tmp_path, task,
     loss, grad_norm, logged_loss, logged_grad_norm = one_step(tmp_path, task, batch_size, grad_accum)
     assert logged_loss == pytest.approx(loss, rel=1e-4)
     assert logged_grad_norm == pytest.approx(grad_norm, rel=1e-3)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_eval_loss_is_the_mean_over_all_label_tokens(tmp_path):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import CONF_DIR, compose, train_run
+from conftest import CONF_DIR, compose, train_run, write_jsonl
 
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, tokenize_lm, tokenize_sft
@@ -99,11 +97,6 @@ def test_sft_loss_is_on_the_response_only():
     prompt_len = len(tokenizer("sort 2 1 :")["input_ids"])
     assert example["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert tokenizer.decode(example["labels"][prompt_len:]) == " 1 2</s>"
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_jsonl_sft_task_trains(tmp_path):

@@ -20,6 +20,13 @@ os.environ.update(
 # runs to CUDA, where they test something else. `make test-gpu` runs the GPU tests with the GPU.
 if os.environ.get("LORA_LAB_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Each xdist worker (and the subprocesses it starts) gets its share of the cores as torch threads,
+# set before torch is imported. Left to torch, every worker runs one OpenMP thread per core, and on
+# 2 cores two workers' pools spin against each other: tests/test_loftq.py and tests/test_train.py at
+# -n 2 took 573 s so, 72 s with one thread each.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, share))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from cli_process import CliProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -70,14 +72,35 @@ def train_run(overrides: list[str], run_dir: Path) -> dict:
 
 
 def cli(
-    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """`python -m <module> args` in a subprocess, as a user runs it; `env` changes the environment
-    (a None value unsets the variable)."""
-    env = {k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}.items() if v is not None}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """`python -m <module> args` as a process of its own, as a user runs it: forked from an interpreter
+    that has imported the training stack (tests/cli_process.py), or with `fresh` a new interpreter,
+    for what depends on imports. `env` changes the environment (a None value unsets the variable)."""
+    env = cli_env(env)
+    if fresh:
+        return subprocess.run(
+            [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    with tempfile.TemporaryDirectory() as outputs:
+        stdout, stderr = Path(outputs) / "stdout", Path(outputs) / "stderr"
+        process = CliProcess(args, cwd, env, stdout, stderr, new_session=False)
+        process.wait(timeout)
+        return subprocess.CompletedProcess(
+            [sys.executable, *args], process.returncode, stdout.read_text(), stderr.read_text()
+        )
+
+
+def start_cli(args: list[str], cwd: Path, log: Path, new_session: bool = False) -> CliProcess:
+    """`python -m <module> args` started, forked as in `cli`; stdout and stderr go to `log`.
+    new_session: in a process group of its own, to signal it with the processes it starts."""
+    return CliProcess(args, cwd, cli_env(None), log, log, new_session)
+
+
+def cli_env(changes: dict | None) -> dict:
+    return {
+        k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), **(changes or {})}.items() if v is not None
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -11,7 +11,8 @@ import time
 
 import optuna
 import pytest
-from conftest import ROOT, SWEEP_FAST, cli
+from cli_process import CliProcess
+from conftest import ROOT, SWEEP_FAST, cli, start_cli
 from optuna.trial import TrialState
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "wandb", "optuna", "evaluate")
@@ -73,6 +74,7 @@ def test_a_default_run_prints_no_warnings(tmp_path):
         ],
         cwd=tmp_path,
         env={"WANDB_MODE": None},  # as a user runs it: logger=none, no W&B setting
+        fresh=True,  # warnings printed while importing count
     )
     assert result.returncode == 0, result.stderr[-3000:]
     noise = [line for line in result.stderr.splitlines() if line.strip() and not NOT_WARNINGS.match(line)]
@@ -85,19 +87,11 @@ def test_a_default_run_prints_no_warnings(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # train.save_steps unset: none saved
 
 
-def start(args: list[str], cwd) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_lab.train", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start(args: list[str], cwd) -> CliProcess:
+    return start_cli(["-m", "lora_lab.train", *args], cwd, cwd / "console.log")
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(condition, proc: CliProcess, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert proc.poll() is None and time.time() < deadline, "the process ended or took too long"
@@ -119,7 +113,8 @@ def test_sigint_ends_a_sweep_with_one_line_and_the_rerun_resumes(tmp_path):
     # the second trial is training: the first finished, the second has logged a step
     wait_for(lambda: first_trial.exists() and "train step" in first_trial.read_text(), proc)
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    output = proc.output()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output
     ended = [line for line in output.splitlines() if "interrupted" in line]
@@ -143,7 +138,8 @@ def test_sigterm_ends_a_run_with_its_resume_command(tmp_path):
     proc = start([*args, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for(lambda: (run_dir / "checkpoints" / "checkpoint-5" / "checkpoint_complete").exists(), proc)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    output = proc.output()
     assert proc.returncode == 143, output[-3000:]
     assert "Traceback" not in output
     (line,) = [line for line in output.splitlines() if "interrupted" in line]

@@ -6,14 +6,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, cli, compose, read_metrics, train_run
+from conftest import ROOT, cli, compose, read_metrics, start_cli, train_run
 from safetensors.torch import load_file
 from test_loftq import gpt2_overrides, save_tiny_gpt2
 
@@ -47,14 +45,11 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     train_run(common, tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_lab.train", *common, f"hydra.run.dir={killed}"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    proc = start_cli(
+        ["-m", "lora_lab.train", *common, f"hydra.run.dir={killed}"],
+        tmp_path,
+        tmp_path / "killed.log",
+        new_session=True,
     )
     marker = killed / "checkpoints" / "checkpoint-20" / "checkpoint_complete"
     deadline = time.time() + 300
@@ -86,12 +81,10 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     common = [*SMALL, "train.max_steps=30", "train.eval_steps=30", "train.device=cpu", "adapter.dropout=0"]
     single = train_run([*common, "train.batch_size=16"], tmp_path / "single")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    result = cli(
         [
-            sys.executable,
             "-m",
-            "torch.distributed.run",
+            "torch.distributed.run",  # its two ranks are new interpreters
             "--nproc_per_node",
             "2",
             "--master_port",
@@ -104,10 +97,7 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp
             f"hydra.run.dir={tmp_path}/ddp",
         ],
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     ddp = read_metrics(tmp_path / "ddp")

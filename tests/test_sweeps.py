@@ -1,4 +1,4 @@
-"""Real Optuna sweeps as Hydra multiruns on the tiny model (subprocesses, SQLite storage in tmp)."""
+"""Real Optuna sweeps as Hydra multiruns on the tiny model (CLI processes, SQLite storage in tmp)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import CONF_DIR, ROOT, SWEEP_FAST, cli
+from cli_process import CliProcess, context
+from conftest import CONF_DIR, ROOT, SWEEP_FAST, cli, start_cli
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
@@ -123,9 +123,7 @@ def test_failing_trial_fails_alone(tmp_path):
 
 
 def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [
-        sys.executable,
         "-m",
         "lora_lab.train",
         "-m",
@@ -137,14 +135,7 @@ def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
         *HEARTBEAT,
         *SWEEP_FAST,  # the resumed sweep's settings: a study resumes only with the settings it ran with
     ]
-    proc = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_cli(args, tmp_path, tmp_path / "killed.log", new_session=True)
     train_log = tmp_path / "killed" / "0" / "train.log"
     # killed as soon as trial 0's job logs its data sizes, just before it trains for a few seconds
     wait_for(lambda: train_log.exists() and " train / " in train_log.read_text(), "trial 0 to train")
@@ -152,6 +143,7 @@ def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
     proc.wait()
     assert [t.state for t in load(tmp_path).trials] == [TrialState.RUNNING]
 
+    time.sleep(3)  # past the grace period (2 s) since the killed trial's last heartbeat
     resumed = sweep_output(tmp_path, "hydra.sweeper.n_trials=1", *HEARTBEAT, name="resumed")
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -183,7 +175,6 @@ def test_parallel_trials_with_the_joblib_launcher(tmp_path):
 
 
 def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = [
         "-m",
         "lora_lab.train",
@@ -195,19 +186,11 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
         *SWEEP_FAST,
     ]
     workers = [
-        subprocess.Popen(
-            [sys.executable, *common, f"hydra.sweep.dir={tmp_path}/worker{i}"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        start_cli([*common, f"hydra.sweep.dir={tmp_path}/worker{i}"], tmp_path, tmp_path / f"worker{i}.log")
         for i in range(2)
     ]
     for worker in workers:
-        out, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, out[-3000:]
+        assert worker.wait(timeout=600) == 0, worker.output()[-3000:]
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     assert sorted(t.number for t in study.trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -242,11 +225,8 @@ def test_workers_starting_together_on_an_empty_postgresql_database_all_open_the_
     """The race behind a flaky two-worker run: workers creating Optuna's tables at once lose it with
     a unique violation, a duplicate table or a duplicate type. Twelve workers per round, each round
     on a fresh database (retrying unique violations alone failed this); each must open the study."""
-    import multiprocessing
-
     import psycopg
 
-    context = multiprocessing.get_context("spawn")
     for round_ in range(3):
         with psycopg.connect(postgres_url, autocommit=True) as connection:
             connection.execute(f"CREATE DATABASE race{round_}")
@@ -293,18 +273,12 @@ def test_trial_ended_by_another_worker_is_logged_and_the_sweep_goes_on(tmp_path,
         "train.eval_steps=10",
         *([REPORTING_PRUNER] if reporting else []),
     ]
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(args, tmp_path, tmp_path / "sweep.log")
     wait_for(lambda: (tmp_path / "s" / "0" / "train.log").exists(), "trial 0's job")
     study = load(tmp_path)
     study._storage.set_trial_state_values(study.trials[0]._trial_id, state=TrialState.FAIL)
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    out = proc.output()
     assert proc.returncode == 0, out[-4000:]
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -364,11 +338,10 @@ def test_three_workers_one_killed_on_a_shared_password_postgresql_study(tmp_path
     FAIL once its heartbeat is older than the grace period (a worker started afterwards, if the
     others were done before that), and the password must be in no file and no log."""
     heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    def start(name: str, n_trials: int) -> subprocess.Popen:
+    def start(name: str, n_trials: int) -> CliProcess:
         args = [
             "-m",
             "lora_lab.train",
@@ -383,15 +356,7 @@ def test_three_workers_one_killed_on_a_shared_password_postgresql_study(tmp_path
             *heartbeat,
             *SWEEP_FAST,
         ]
-        with open(logs / f"{name}.log", "w") as log:
-            return subprocess.Popen(
-                [sys.executable, *args],
-                cwd=tmp_path,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        return start_cli(args, tmp_path, logs / f"{name}.log", new_session=True)
 
     workers = {name: start(name, 2) for name in ("a", "b", "killed")}
 
@@ -514,11 +479,9 @@ def test_resumed_grid_retries_its_failed_point_once_and_fails_when_none_complete
 def test_two_sweeps_started_at_once_in_one_dir_never_share_it(tmp_path):
     """The second sweep to claim the dir is refused before it writes anything there; the first's
     trial dir, metrics and summary are its own."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sweeps = [
-        subprocess.Popen(
+        start_cli(
             [
-                sys.executable,
                 "-m",
                 "lora_lab.train",
                 "-m",
@@ -529,15 +492,14 @@ def test_two_sweeps_started_at_once_in_one_dir_never_share_it(tmp_path):
                 "hydra.sweeper.n_trials=1",
                 *SWEEP_FAST,
             ],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            tmp_path,
+            tmp_path / f"sweep{i}.log",
         )
         for i in range(2)
     ]
-    outputs = [s.communicate(timeout=600)[0] for s in sweeps]
+    for s in sweeps:
+        s.wait(timeout=600)
+    outputs = [s.output() for s in sweeps]
     codes = [s.returncode for s in sweeps]
     assert sorted(codes) == [0, 2], outputs
     winner, loser = codes.index(0), codes.index(2)
@@ -573,8 +535,6 @@ def _check_identity_at_once(barrier, storage: str, identity: dict) -> None:
 def test_workers_starting_one_study_together_all_pass_its_identity_check(postgres_url):
     """Workers that start one study at once each find no identity yet and write theirs: all of them
     must go on; a worker with other settings is refused afterwards."""
-    import multiprocessing
-
     import psycopg
 
     from hydra_plugins.lora_lab_sweeper._impl import IDENTITY_ATTR, check_identity
@@ -583,7 +543,6 @@ def test_workers_starting_one_study_together_all_pass_its_identity_check(postgre
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         connection.execute("CREATE DATABASE identity_race")
     storage = postgres_url.rsplit("/", 1)[0] + "/identity_race"
-    context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(8)
     workers = [
         context.Process(target=_check_identity_at_once, args=(barrier, storage, IDENTITY)) for _ in range(8)

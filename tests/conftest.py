@@ -103,6 +103,44 @@ def cli_env(changes: dict | None) -> dict:
     }
 
 
+def run_sweep(
+    tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600
+) -> subprocess.CompletedProcess:
+    """A test sweep from the command line: sweep dir tmp_path/<name>, study `study` in
+    tmp_path/optuna.db, trials at SWEEP_FAST."""
+    args = [
+        "-m",
+        "lora_lab.train",
+        "-m",
+        search,
+        f"hydra.sweep.dir={tmp_path / name}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        "hydra.sweeper.study_name=study",
+        *SWEEP_FAST,
+        *overrides,
+    ]
+    return cli(args, cwd=tmp_path, timeout=timeout)
+
+
+def sweep_output(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600) -> str:
+    """Run a sweep that must succeed; its output (stdout and stderr)."""
+    result = run_sweep(tmp_path, *overrides, name=name, search=search, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600):
+    sweep_output(tmp_path, *overrides, name=name, search=search, timeout=timeout)
+    return tmp_path / name
+
+
+def load_study(tmp_path):
+    """The study a `run_sweep` made (an optuna.Study)."""
+    import optuna
+
+    return optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     """Rows as a JSONL file; its path, for a task.*_path override."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,28 +13,20 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import SWEEP_FAST, cli, compose
+from conftest import cli, compose, load_study, sweep_output
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from scipy import stats as scipy_stats
 
 pytestmark = pytest.mark.slow
-# A trial here: 6 steps, one evaluation at the end.
-TINY = [*SWEEP_FAST, "train.max_steps=6", "train.eval_steps=6", "train.eval_on_start=false"]
+# A trial here: SWEEP_FAST at 6 steps, one evaluation at the end.
+TINY = ["train.max_steps=6", "train.eval_steps=6", "train.eval_on_start=false"]
 OBJECTIVE = "eval/token_accuracy"
 
 
 def sweep(tmp_path: Path, *overrides: str) -> tuple[Path, str]:
     """A finished hparams_search=lora sweep in tmp_path/s (study `study`): its dir and its output."""
-    args = ["-m", "lora_lab.train", "-m", "hparams_search=lora", f"hydra.sweep.dir={tmp_path / 's'}"]
-    args += [f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", "hydra.sweeper.study_name=study"]
-    result = cli([*args, *TINY, *overrides], cwd=tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return tmp_path / "s", result.stdout + result.stderr
-
-
-def load(tmp_path: Path) -> optuna.Study:
-    return optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    return tmp_path / "s", sweep_output(tmp_path, *TINY, *overrides)
 
 
 def metrics(job: Path) -> dict:
@@ -63,7 +55,7 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")
 def test_seeds_run_each_trial_n_times_and_the_summary_names_a_confirmed_winner(tmp_path, capsys):
     sweep_dir, output = sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.seeds=2", "train.seed=7")
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
         "0_seed7",
@@ -133,7 +125,7 @@ def test_seeds_run_each_trial_n_times_and_the_summary_names_a_confirmed_winner(t
 
 def test_confirm_reruns_the_top_trials_with_fresh_seeds(tmp_path, capsys):
     sweep_dir, _ = sweep(tmp_path, "hydra.sweeper.n_trials=4")
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
 
     # best_command: one YAML line, and it composes the best trial's config.
@@ -201,7 +193,7 @@ def test_multi_objective_summary_has_a_rerun_command_per_pareto_trial(tmp_path):
         f"optimized_metric=[{OBJECTIVE},params/trainable]",
         "hydra.sweeper.direction=[maximize,minimize]",
     )
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     summary, lines = summary_and_lines(sweep_dir)
     commands = summary["pareto_commands"]
     assert [c["trial"] for c in commands] == [t.number for t in study.best_trials]

@@ -8,10 +8,9 @@ import random
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import torch
-from conftest import SWEEP_FAST, cli, read_metrics, write_jsonl
+from conftest import cli, load_study, read_metrics, sweep, write_jsonl
 from optuna.trial import TrialState
 
 from lora_lab.config import HarnessConfig
@@ -221,27 +220,16 @@ def test_evaluate_adds_scores_to_a_finished_run(trained, task_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_optimises_a_harness_metric(tmp_path, task_dir):
-    result = cli(
-        [
-            "-m",
-            "lora_lab.train",
-            "-m",
-            "hparams_search=lora",
-            f"hydra.sweep.dir={tmp_path / 's'}",
-            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-            "hydra.sweeper.study_name=study",
-            "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.direction=maximize",
-            *SWEEP_FAST,
-            f"harness.include_path={task_dir}",
-            "harness.tasks=[sort_choice]",
-            "harness.limit=16",
-            "optimized_metric=harness/sort_choice/acc",
-        ],
-        cwd=tmp_path,
+    sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        f"harness.include_path={task_dir}",
+        "harness.tasks=[sort_choice]",
+        "harness.limit=16",
+        "optimized_metric=harness/sort_choice/acc",
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     for trial in study.trials:
         metrics = read_metrics(tmp_path / "s" / str(trial.number))

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,17 @@ import optuna
 import pytest
 import yaml
 from cli_process import CliProcess, context
-from conftest import CONF_DIR, ROOT, SWEEP_FAST, cli, start_cli
+from conftest import (
+    CONF_DIR,
+    ROOT,
+    SWEEP_FAST,
+    cli,
+    load_study,
+    run_sweep,
+    start_cli,
+    sweep,
+    sweep_output,
+)
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
@@ -24,43 +33,10 @@ pytestmark = pytest.mark.slow
 HEARTBEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
 
 
-def run_sweep(
-    tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600
-) -> subprocess.CompletedProcess:
-    args = [
-        "-m",
-        "lora_lab.train",
-        "-m",
-        search,
-        f"hydra.sweep.dir={tmp_path / name}",
-        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        "hydra.sweeper.study_name=study",
-        *SWEEP_FAST,
-        *overrides,
-    ]
-    return cli(args, cwd=tmp_path, timeout=timeout)
-
-
-def sweep_output(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600) -> str:
-    """Run a sweep that must succeed; its output (stdout and stderr)."""
-    result = run_sweep(tmp_path, *overrides, name=name, search=search, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
-
-
-def sweep(tmp_path, *overrides, name="s", search="hparams_search=lora", timeout=600):
-    sweep_output(tmp_path, *overrides, name=name, search=search, timeout=timeout)
-    return tmp_path / name
-
-
-def load(tmp_path) -> optuna.Study:
-    return optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
-
-
 def test_study_runs_and_resumes_in_sqlite(tmp_path):
     output = sweep_output(tmp_path, "hydra.sweeper.n_trials=4")
     sweep_dir = tmp_path / "s"
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     # one progress line per trial, with the best so far; none of Optuna's own lines
     for trial in study.trials:
@@ -84,7 +60,7 @@ def test_study_runs_and_resumes_in_sqlite(tmp_path):
     output = sweep_output(tmp_path, "hydra.sweeper.n_trials=2", name="resumed")
     resumed = tmp_path / "resumed"
     assert "resuming study study with 4 earlier trials" in output and "trial 2/2 COMPLETE" in output
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert sorted(p.name for p in resumed.iterdir() if p.name.isdigit()) == ["4", "5"]
 
@@ -97,7 +73,7 @@ def test_pruner_prunes_trials(tmp_path):
         "train.eval_on_start=false",
         "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, lower: 0.99}",
     )
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
     assert all(t.intermediate_values and max(t.intermediate_values) == 5 for t in study.trials)
 
@@ -110,7 +86,7 @@ def test_failing_trial_fails_alone(tmp_path):
         "adapter.r=choice(4,8)",
         search="hydra/sweeper=lora_lab_optuna",
     )
-    trials = load(tmp_path).trials
+    trials = load_study(tmp_path).trials
     states = {(t.params["train.lr"], t.params["adapter.r"]): t for t in trials}
     assert len(trials) == len(states) == 4
     for (lr, _), trial in states.items():
@@ -141,11 +117,11 @@ def test_killed_sweep_leaves_running_trial_marked_fail_on_resume(tmp_path):
     wait_for(lambda: train_log.exists() and " train / " in train_log.read_text(), "trial 0 to train")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert [t.state for t in load(tmp_path).trials] == [TrialState.RUNNING]
+    assert [t.state for t in load_study(tmp_path).trials] == [TrialState.RUNNING]
 
     time.sleep(3)  # past the grace period (2 s) since the killed trial's last heartbeat
     resumed = sweep_output(tmp_path, "hydra.sweeper.n_trials=1", *HEARTBEAT, name="resumed")
-    trials = load(tmp_path).trials
+    trials = load_study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert "trial 0 had no heartbeat for over 2 s" in resumed
 
@@ -159,7 +135,7 @@ def test_multi_objective_writes_the_pareto_front(tmp_path):
     )
     front = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["solutions"]
     assert front and all(len(s["values"]) == 2 for s in front)
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert {tuple(t.values) for t in study.best_trials} == {tuple(s["values"]) for s in front}
 
 
@@ -171,7 +147,7 @@ def test_parallel_trials_with_the_joblib_launcher(tmp_path):
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.n_trials=2",
     )
-    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 2
+    assert [t.state for t in load_study(tmp_path).trials] == [TrialState.COMPLETE] * 2
 
 
 def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
@@ -210,7 +186,7 @@ def test_parallel_trials_with_the_submitit_launcher(tmp_path):
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.n_trials=2",
     )
-    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 2
+    assert [t.state for t in load_study(tmp_path).trials] == [TrialState.COMPLETE] * 2
     assert len([p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]) == 2  # one job each
 
 
@@ -275,12 +251,12 @@ def test_trial_ended_by_another_worker_is_logged_and_the_sweep_goes_on(tmp_path,
     ]
     proc = start_cli(args, tmp_path, tmp_path / "sweep.log")
     wait_for(lambda: (tmp_path / "s" / "0" / "train.log").exists(), "trial 0's job")
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     study._storage.set_trial_state_values(study.trials[0]._trial_id, state=TrialState.FAIL)
     proc.wait(timeout=600)
     out = proc.output()
     assert proc.returncode == 0, out[-4000:]
-    trials = load(tmp_path).trials
+    trials = load_study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].value == pytest.approx(
         json.loads((tmp_path / "s" / "1" / "metrics.json").read_text())["eval/token_accuracy"]
@@ -444,7 +420,7 @@ def test_a_study_resumed_with_other_settings_is_refused(tmp_path):
         assert key in line and "hydra.sweeper.study_name=<" in line, line
         assert "Traceback" not in out
         assert not (tmp_path / f"refused-{key}").exists()
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     assert len(study.trials) == 1 and study.direction == optuna.study.StudyDirection.MINIMIZE
 
 
@@ -452,12 +428,12 @@ def test_resumed_grid_runs_each_point_without_a_complete_trial_once(tmp_path):
     grid = ["adapter.r=choice(4,8)"]
     sweep(tmp_path, *grid, "hydra.sweeper.n_trials=1", name="first", search="experiment=rank_ablation")
     sweep(tmp_path, *grid, name="second", search="experiment=rank_ablation")
-    trials = load(tmp_path).trials
+    trials = load_study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert sorted(t.params["adapter.r"] for t in trials) == [4, 8]
 
     out = sweep_output(tmp_path, *grid, name="third", search="experiment=rank_ablation")
-    assert len(load(tmp_path).trials) == 2
+    assert len(load_study(tmp_path).trials) == 2
     assert "all 2 points of the grid have a finished trial: nothing to run" in out
     assert not any(p.name.isdigit() for p in (tmp_path / "third").iterdir())
 
@@ -465,13 +441,13 @@ def test_resumed_grid_runs_each_point_without_a_complete_trial_once(tmp_path):
 def test_resumed_grid_retries_its_failed_point_once_and_fails_when_none_completes(tmp_path):
     grid = ["hydra/sweeper/sampler=grid", "train.lr=choice(0.003,-1.0)"]
     sweep(tmp_path, *grid, search="hydra/sweeper=lora_lab_optuna")  # one of two completes: exit 0
-    first = load(tmp_path).trials
+    first = load_study(tmp_path).trials
     assert {t.params["train.lr"]: t.state for t in first} == {0.003: TrialState.COMPLETE, -1: TrialState.FAIL}
 
     result = run_sweep(tmp_path, *grid, name="resumed", search="hydra/sweeper=lora_lab_optuna")
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-4000:]
-    trials = load(tmp_path).trials
+    trials = load_study(tmp_path).trials
     assert [(t.number, t.params["train.lr"], t.state) for t in trials[2:]] == [(2, -1.0, TrialState.FAIL)]
     assert "no trial of this sweep completed: 1 ran, 1 FAIL" in out
 
@@ -560,7 +536,7 @@ def test_workers_starting_one_study_together_all_pass_its_identity_check(postgre
 
 def test_successive_halving_preset_stops_trials_at_their_first_rung(tmp_path):
     sweep_dir = sweep(tmp_path, "hydra.sweeper.n_trials=4", search="hparams_search=lora_asha")
-    study = load(tmp_path)
+    study = load_study(tmp_path)
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert pruned and study.trials[0].state == TrialState.COMPLETE
     for trial in pruned:  # stopped at the first rung (min_resource = train.eval_steps = 5) of 10 steps

@@ -1,48 +1,27 @@
-"""LoRA adapter: target-module presets per architecture, the PEFT config, and attaching it."""
+"""LoRA adapter: target-module presets from the model's own structure, the PEFT config, and attaching it."""
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from lora_lab.config import TARGET_PRESETS, AdapterConfig, ConfigError
+from lora_lab.structure import BlockParts, block_parts, blocks, is_adaptable
 
 log = logging.getLogger(__name__)
 
-# Module names per architecture family. A string is a PEFT regex (full match on the module
-# path), used where a bare name is ambiguous (GPT-2's `c_proj` is in attention and MLP).
-_LLAMA_STYLE = {
-    "qv": ["q_proj", "v_proj"],
-    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mlp": ["gate_proj", "up_proj", "down_proj"],
-}
-_BERT_MLP = r".*\.layer\.\d+\.(intermediate\.dense|output\.dense)"
-TARGET_MODULE_PRESETS: dict[str, dict[str, list[str] | str]] = {
-    "llama": _LLAMA_STYLE,
-    "mistral": _LLAMA_STYLE,
-    "qwen2": _LLAMA_STYLE,
-    "qwen3": _LLAMA_STYLE,
-    "gemma": _LLAMA_STYLE,
-    "gemma2": _LLAMA_STYLE,
-    "phi3": {"qv": ["qkv_proj"], "attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},
-    # GPT-2 fuses q, k and v into one Conv1D (`c_attn`), so `qv` can only mean that layer.
-    "gpt2": {"qv": ["c_attn"], "attn": r".*\.attn\.(c_attn|c_proj)", "mlp": r".*\.mlp\.(c_fc|c_proj)"},
-    "bert": {
-        "qv": ["query", "value"],
-        "attn": r".*\.attention\.(self\.(query|key|value)|output\.dense)",
-        "mlp": _BERT_MLP,
-    },
-    "deberta-v2": {
-        "qv": ["query_proj", "value_proj"],
-        "attn": r".*\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)",
-        "mlp": _BERT_MLP,
-    },
-}
+# Query and value projections by the names transformers' architectures give them, or the fused
+# layer that computes them together with the keys (GPT-2's c_attn, GPT-NeoX's and Falcon's
+# query_key_value, Phi-3's qkv_proj, ModernBERT's Wqkv): a name is all that tells q from k.
+_QUERY_VALUE = re.compile(
+    r"q|v|q_proj|v_proj|wq|wv|query|value|query_proj|value_proj|qkv|qkv_proj|wqkv|c_attn|query_key_value",
+    re.IGNORECASE,
+)
 # Heads that a classification fine-tune trains in full (PEFT adds `classifier` and `score`
 # itself); DeBERTa's pooler is new at fine-tuning time too.
 EXTRA_TRAINED_MODULES = {"deberta-v2": ["pooler"]}
@@ -50,22 +29,57 @@ EXTRA_TRAINED_MODULES = {"deberta-v2": ["pooler"]}
 PEFT_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora", "loftq": False}
 
 
-def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | str) -> list[str] | str:
-    """A preset name becomes this architecture's module names; an explicit list is checked."""
-    model_type = model.config.model_type
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return "all-linear"
-        presets = TARGET_MODULE_PRESETS.get(model_type)
-        if presets is None:
-            raise ConfigError(
-                "adapter.target_modules",
-                target_modules,
-                f"no presets for model type {model_type!r} (known: {', '.join(TARGET_MODULE_PRESETS)}); "
-                "use all-linear or an explicit list of module names",
-            )
-        return presets[target_modules]
-    adaptable = _adaptable_module_names(model)
+def _layer_names(parts: BlockParts, preset: str) -> list[str]:
+    if preset == "qv":
+        return [n for n in parts.attention if _QUERY_VALUE.fullmatch(n.rsplit(".", 1)[-1])]
+    return {"attn": parts.attention, "mlp": parts.mlp, "all-linear": parts.attention + parts.mlp}[preset]
+
+
+@dataclass
+class Targets:
+    """What PEFT adapts: target_modules (names, PEFT's `all-linear`) and fused expert parameters."""
+
+    modules: list[str] | str | None
+    parameters: list[str]
+    layers_to_transform: list[int] | None = None
+
+
+def resolve_targets(
+    model: PreTrainedModel, target_modules: list[str] | str, layers: list[int] | str
+) -> Targets:
+    """A preset becomes the paths of this model's layers in that role, found from its blocks
+    (`block_parts`), restricted to `layers`; an explicit list of names is checked and PEFT selects its
+    layers. `mlp` and `all-linear` include fused expert parameters; MoE routers stay frozen."""
+    stack_name, stack = blocks(model)
+    indices = resolve_layers(len(stack), layers)
+    if not isinstance(target_modules, str):
+        return Targets(check_module_names(model, target_modules), [], indices)
+    modules, parameters = [], []
+    for index, block in enumerate(stack):
+        if indices is not None and index not in indices:
+            continue
+        parts = block_parts(block)
+        prefix = f"{stack_name}.{index}."
+        modules += [prefix + name for name in _layer_names(parts, target_modules)]
+        if target_modules in ("mlp", "all-linear"):
+            parameters += [prefix + name for name in parts.experts]
+    if target_modules == "all-linear" and indices is None and not parameters:
+        return Targets("all-linear", [])  # PEFT's own: every linear layer but the output head
+    if not modules and not parameters:
+        first = block_parts(stack[0])
+        raise ConfigError(
+            "adapter.target_modules",
+            target_modules,
+            f"this {model.config.model_type} model's blocks ({stack_name}.N) have no {target_modules} layers: "
+            f"attention {first.attention or 'none'}, MLP {first.mlp or 'none'}, "
+            f"experts {first.experts or 'none'}; presets are {', '.join(TARGET_PRESETS)}",
+        )
+    return Targets(modules or None, parameters)
+
+
+def check_module_names(model: PreTrainedModel, target_modules: list[str]) -> list[str]:
+    """An explicit list of module names, each matching a linear layer (by name or path suffix)."""
+    adaptable = [name for name, module in model.named_modules() if is_adaptable(module)]
     suffixes = {name.rsplit(".", 1)[-1] for name in adaptable}
     missing = [
         t
@@ -76,40 +90,21 @@ def resolve_target_modules(model: PreTrainedModel, target_modules: list[str] | s
         raise ConfigError(
             "adapter.target_modules",
             target_modules,
-            f"{', '.join(missing)} matches no linear layer of this {model_type} model; "
+            f"{', '.join(missing)} matches no linear layer of this {model.config.model_type} model; "
             f"presets are {', '.join(TARGET_PRESETS)}, layer names are {', '.join(sorted(suffixes))}",
         )
     return list(target_modules)
-
-
-def _adaptable_module_names(model: torch.nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D))
-        or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-    ]
 
 
 def task_type(kind: str) -> TaskType:
     return TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM
 
 
-def resolve_layers(
-    model: PreTrainedModel, layers: list[int] | str, target_modules: list[str] | str
-) -> list[int] | None:
-    """adapter.layers as the block indices PEFT adapts (None: every block). middle is the middle half
-    of the blocks, top_half the upper (output-side) half."""
+def resolve_layers(n: int, layers: list[int] | str) -> list[int] | None:
+    """adapter.layers as the indices of the `n` blocks to adapt (None: every block). middle is the
+    middle half of the blocks, top_half the upper (output-side) half."""
     if layers == "all":
         return None
-    if isinstance(target_modules, str) and target_modules != "all-linear":  # a regex preset
-        raise ConfigError(
-            "adapter.layers",
-            layers,
-            f"PEFT selects layers only for module names, not for the regex of target_modules preset "
-            f"{target_modules!r}: use adapter.target_modules=all-linear or a list of names",
-        )
-    n = model.config.num_hidden_layers
     halves = {
         "bottom_half": list(range(n // 2)),
         "top_half": list(range(n // 2, n)),
@@ -122,23 +117,24 @@ def resolve_layers(
 
 
 def lora_config(model: PreTrainedModel, adapter: AdapterConfig, kind: str) -> LoraConfig:
-    target_modules = resolve_target_modules(model, adapter.target_modules)
-    layers = resolve_layers(model, adapter.layers, target_modules)
-    if layers is not None and target_modules == "all-linear":
-        # PEFT takes layers_to_transform with module names only: all-linear's names in the blocks
-        target_modules = sorted(
-            {
-                name.rsplit(".", 1)[-1]
-                for name in _adaptable_module_names(model)
-                if re.search(r"\.\d+\.", name)
-            }
+    targets = resolve_targets(model, adapter.target_modules, adapter.layers)
+    dropout = adapter.dropout
+    if targets.parameters and dropout:
+        # PEFT cannot apply dropout to the input of a LoRA on a parameter (lora.ParamWrapper)
+        log.info(
+            "adapter.dropout=%s not applied: the adapter includes fused expert parameters (%s), "
+            "whose LoRA takes no dropout in PEFT; the run uses 0",
+            dropout,
+            targets.parameters[0].rsplit(".", 2)[-2] + ".*",
         )
+        dropout = 0.0
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=target_modules,
-        layers_to_transform=layers,
+        lora_dropout=dropout,
+        target_modules=targets.modules,
+        target_parameters=targets.parameters or None,
+        layers_to_transform=targets.layers_to_transform,
         init_lora_weights=PEFT_INIT[adapter.init],
         use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora,
@@ -197,9 +193,9 @@ def load_adapter(model: PreTrainedModel, source: str, kind: str, trainable: bool
             f"an adapter for task_type {config.task_type}; this run's model.kind={kind} needs {task_type(kind).value}",
         )
     targets = config.target_modules
-    if not isinstance(targets, str):  # a regex or all-linear needs no check by name
+    if targets and not isinstance(targets, str):  # a regex or all-linear needs no check by name
         try:
-            resolve_target_modules(model, sorted(targets))
+            check_module_names(model, sorted(targets))
         except ConfigError as e:
             raise ConfigError(
                 "adapter.init_from", source, f"its target modules do not fit this base model: {e.valid}"

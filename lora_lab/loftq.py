@@ -265,6 +265,15 @@ def loftq_initialise(
 
     Without adapter_weights only the backbone's Q is installed: for reloading a trained LoftQ adapter."""
     layers = adapted_4bit_layers(peft_model)
+    if not layers:
+        raise ConfigError(
+            "adapter.init",
+            "loftq",
+            "LoftQ fits 4-bit linear layers, and this adapter has none (fused expert parameters are not "
+            "quantized); use adapter.init=gaussian or a target_modules preset with attention layers",
+        )
+    if adapter_weights:
+        start_others_at_zero(peft_model, layers)
     key = cache_key(model_identity, layers, quant_name, double_quant, rank, iterations, svd)
     path = cache_dir() / "loftq" / f"{key}.pt"
     device = next(iter(layers.values())).base_layer.weight.device
@@ -281,6 +290,29 @@ def loftq_initialise(
     for name, layer in layers.items():
         install(layer, inits[name], adapter_weights)
     return inits
+
+
+def start_others_at_zero(peft_model, loftq_layers: dict) -> None:
+    """LoRA layers LoftQ does not fit (on fused expert parameters) start as PEFT's default does, B = 0,
+    so that the adapter starts from the LoftQ backbone's function: init_lora_weights=False, which
+    leaves LoftQ's layers to it, draws both A and B at random."""
+    others = [
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_B")
+        and "default" in module.lora_B
+        and name.removeprefix("base_model.model.") not in loftq_layers
+    ]
+    for name in others:
+        module = peft_model.get_submodule(f"base_model.model.{name}")
+        for weight in module.lora_B["default"].parameters():
+            weight.data.zero_()
+    if others:
+        log.info(
+            "LoftQ: %d adapted parameters that are not 4-bit layers (%s) start with B = 0",
+            len(others),
+            others[0],
+        )
 
 
 def prepare_quantized_adapter(

@@ -27,6 +27,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from lora_lab.config import ConfigError, ModelConfig, QuantConfig, TinyModelConfig
+from lora_lab.structure import block_parts, blocks, is_adaptable, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,13 @@ def load_model(
         auto_cls = AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-        model = from_pretrained_reporting_in_one_line(auto_cls, path, model_cfg.kind, kwargs)
+        model = from_pretrained_with_attention(auto_cls, path, model_cfg.kind, kwargs)
     except OSError as e:  # model_dir already resolved a local directory: its files are the problem
         raise ConfigError(
             "model.name_or_path", path, f"not a loadable model directory ({str(e).splitlines()[0]})"
         ) from None
+    if quant.name != "none":
+        check_quantized(model, quant.name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -247,6 +250,57 @@ def load_model(
         param.requires_grad_(False)
     keep_4bit_layout_trainable(model)
     return model, tokenizer
+
+
+def from_pretrained_with_attention(auto_cls, path: str, kind: str, kwargs: dict) -> PreTrainedModel:
+    """The model with model.attn_implementation, or with eager attention where transformers does not
+    support that implementation for this architecture (Gemma 2 and sdpa), said in one line. The
+    implementation the model runs is model.config._attn_implementation."""
+    try:
+        return from_pretrained_reporting_in_one_line(auto_cls, path, kind, kwargs)
+    except (ValueError, ImportError) as e:
+        asked = kwargs["attn_implementation"]
+        if asked == "eager" or "attention" not in str(e).lower():
+            raise
+        log.warning(
+            "model.attn_implementation=%s is not available for this model (%s): using eager",
+            asked,
+            str(e).split(". ")[0],
+        )
+        return from_pretrained_reporting_in_one_line(
+            auto_cls, path, kind, kwargs | {"attn_implementation": "eager"}
+        )
+
+
+def check_quantized(model: PreTrainedModel, quant_name: str) -> None:
+    """Refuse a quantization that reached no layer of the blocks, and say what it left in full
+    precision: transformers' bitsandbytes integration converts torch.nn.Linear itself (and GPT-2's
+    Conv1D) only, so Falcon's FalconLinear subclass stays as it is, and fused MoE expert parameters
+    are not linear layers."""
+    _, stack = blocks(model)
+    quantized = left = 0
+    kept = set()
+    for block in stack:
+        for name, module in block.named_modules():
+            if is_quantized(module):
+                quantized += module.weight.numel() * (2 if module.weight.dtype == torch.uint8 else 1)
+            elif is_adaptable(module) or name in {e.rsplit(".", 1)[0] for e in block_parts(block).experts}:
+                left += sum(p.numel() for p in module.parameters(recurse=False) if p.ndim >= 2)
+                kept.add(f"{name} ({type(module).__name__})")
+    if not quantized:
+        raise ConfigError(
+            "quant",
+            quant_name,
+            f"transformers' bitsandbytes integration quantized no layer of this {model.config.model_type} "
+            f"model's blocks ({', '.join(sorted(kept)[:3])}: not torch.nn.Linear itself); use quant=none",
+        )
+    if left:
+        log.warning(
+            "quant=%s left %.0f%% of the blocks' weights in full precision: %s",
+            quant_name,
+            100 * left / (left + quantized),
+            ", ".join(sorted(kept)[:4]),
+        )
 
 
 def _no_load_report(record: logging.LogRecord) -> bool:

@@ -146,12 +146,32 @@ def test_adapter_layers_select_blocks_with_every_linear_layer_of_them(layers, ex
     )
 
 
-def test_adapter_layers_out_of_range_or_with_a_regex_preset_are_refused():
+def test_adapter_layers_out_of_range_are_refused():
     from lora_lab.config import ConfigError
 
     with pytest.raises(
         ConfigError, match=r"adapter.layers=\[8\] is invalid: block indices of this model are 0 to 7"
     ):
         lora_config(deep_llama(8), AdapterConfig(layers=[8]), "causal_lm")
-    with pytest.raises(ConfigError, match="adapter.layers='middle' is invalid: PEFT selects layers only"):
-        lora_config(bert(), AdapterConfig(target_modules="attn", layers="middle"), "seq_cls")
+
+
+def test_adapter_layers_select_blocks_of_a_preset_resolved_from_the_structure():
+    """BERT's `mlp` layers (intermediate.dense, output.dense) share a suffix with attention's
+    output.dense: a preset names whole paths, so it selects blocks and no attention layer."""
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+        )
+    )
+    peft_model = get_peft_model(
+        model, lora_config(model, AdapterConfig(target_modules="mlp", layers="middle"), "seq_cls")
+    )
+    adapted = sorted(
+        n.removesuffix(".lora_A") for n, _ in peft_model.named_modules() if n.endswith(".lora_A")
+    )
+    assert [n.removeprefix("base_model.model.bert.encoder.layer.") for n in adapted] == [
+        "1.intermediate.dense",
+        "1.output.dense",
+        "2.intermediate.dense",
+        "2.output.dense",
+    ]

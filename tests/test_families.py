@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import train_run
 from peft import get_peft_model
-from tokenizers import processors
 from test_lifecycle import with_config
+from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lora_lab.adapters import lora_config

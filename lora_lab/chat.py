@@ -1,16 +1,20 @@
 """Conversations rendered with the model's chat template, the loss on assistant turns only.
 
 A conversation is a row {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}.
-Each assistant turn's tokens are found by rendering the conversation's prefixes with the template
-itself: the turn starts where the rendering of the messages before it with `add_generation_prompt`
-ends, and ends with the first special token after its content (the end-of-turn or EOS token the
-template closes it with), or where the rendering up to it ends if no special token closes it. This
-needs no `{% generation %}` markers, so every template gives an exact mask, and a template that
-renders a conversation's start differently once more turns follow is refused rather than guessed at.
+The mask comes from the rendering of the whole conversation, the tokens the model trains on. Where
+the template marks the assistant's output with `{% generation %}`, transformers' assistant mask is
+used. Otherwise each message's content is located in that rendering in order, and an assistant turn
+runs from where the template's generation prompt for it ends (or from its content, where the
+template renders earlier turns differently once more follow, as Qwen3's drops their reasoning) to
+the first special token after its content: the end-of-turn or EOS token that closes it. So templates
+whose history depends on what follows, and templates that fold the system message into the first
+user turn, are served; a conversation is refused only when the template refuses it or leaves a
+message out.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from lora_lab.config import ConfigError
@@ -66,61 +70,60 @@ def resolve_template(tokenizer, chat_template: str | None) -> str:
     return tokenizer.chat_template
 
 
-class _Rendering:
-    """One conversation's renderings: of each prefix up to and including message j, and of the
-    messages before each assistant turn with the generation prompt."""
+def _render(
+    tokenizer, template: str, options: dict, conversations: list[list[dict]], generation_prompt: bool
+):
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template(
+        conversations,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+        **options,
+    )
 
-    def __init__(self, messages: list[dict], tokenizer, template: str, fail):
+
+class _Rendering:
+    """One conversation's rendering, where each message's content lies in it, and the rendering of
+    the messages before each assistant turn with the generation prompt."""
+
+    def __init__(self, messages: list[dict], tokenizer, template: str, options: dict, fail):
         self.messages, self.fail = messages, fail
         self.assistant_turns = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
         try:
-            self.upto = self._render(
-                tokenizer, template, [messages[: j + 1] for j in range(len(messages))], False
-            )
-            self.prompts = dict(
-                zip(
-                    self.assistant_turns,
-                    self._render(tokenizer, template, [messages[:j] for j in self.assistant_turns], True),
-                    strict=True,
-                )
+            self.text = _render(tokenizer, template, options, [messages], False)[0]
+            prompts = _render(
+                tokenizer, template, options, [messages[:j] for j in self.assistant_turns], True
             )
         except Exception as e:  # a template's raise_exception ("System role not supported"), or any
             # other error a template raises on this row
             fail(f"the chat template refuses it ({type(e).__name__}: {str(e).splitlines()[0]})")
-        self.text = self.upto[-1]
+        self.prompts = dict(zip(self.assistant_turns, prompts, strict=True))
+        self.contents: list[tuple[int, int]] = []  # (start, end) of each message's content in the text
+        cursor = 0
         for j, message in enumerate(messages):
-            before = self.upto[j - 1] if j else ""
-            if not self.upto[j].startswith(before) or not self.text.startswith(self.upto[j]):
-                fail(
-                    f"the chat template renders messages 0..{j} differently when more messages follow, "
-                    "so the assistant's tokens cannot be told (set task.chat_template to another template)"
-                )
-            if message["content"].strip() not in self.upto[j][len(before) :]:
+            content = message["content"].strip()
+            found = self.text.find(content, cursor)
+            if found < 0:
                 fail(f"the chat template does not render message {j} (role {message['role']!r})")
-
-    @staticmethod
-    def _render(
-        tokenizer, template: str, conversations: list[list[dict]], generation_prompt: bool
-    ) -> list[str]:
-        if not conversations:
-            return []
-        return tokenizer.apply_chat_template(
-            conversations, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+            cursor = found + len(content)
+            self.contents.append((found, cursor))
 
     def response(self, turn: int) -> tuple[int, int]:
-        """Where assistant message `turn`'s response (without its end-of-turn) starts and ends in the text."""
-        start = len(self.prompts[turn])
-        if not self.upto[turn].startswith(self.prompts[turn]):
-            self.fail(
-                f"the chat template's generation prompt before message {turn} is not how it renders "
-                "that message, so the assistant's tokens cannot be told"
-            )
-        content = self.messages[turn]["content"].strip()
-        found = self.upto[turn].find(content, start)
-        if found < 0:
-            self.fail(f"the chat template does not render assistant message {turn} after its prompt")
-        return start, found + len(content)
+        """Where assistant message `turn`'s response (without its end-of-turn) starts and ends in the
+        text: from the end of its generation prompt where the text begins with that prompt, else
+        from its content."""
+        content_start, content_end = self.contents[turn]
+        previous_end = self.contents[turn - 1][1] if turn else 0
+        prompt = self.prompts[turn]
+        if self.text.startswith(prompt) and previous_end <= len(prompt) <= content_start:
+            return len(prompt), content_end
+        return content_start, content_end
+
+    def turn_end(self, turn: int) -> int:
+        """Where the next message's content starts (or the text ends): the turn's closing token lies before."""
+        return self.contents[turn + 1][0] if turn + 1 < len(self.messages) else len(self.text)
 
 
 def _check_messages(messages, fail) -> None:
@@ -137,7 +140,7 @@ def _check_messages(messages, fail) -> None:
         fail("the conversation has no assistant turn")
 
 
-def _renderings(rows: list[dict], tokenizer, template: str, source: tuple[str, object]):
+def _renderings(rows: list[dict], tokenizer, template: str, options: dict, source: tuple[str, object]):
     key, value = source
     for index, row in enumerate(rows):
 
@@ -145,7 +148,7 @@ def _renderings(rows: list[dict], tokenizer, template: str, source: tuple[str, o
             raise ConfigError(key, value, f"row {index}: {reason}")
 
         _check_messages(row["messages"], fail)
-        yield _Rendering(row["messages"], tokenizer, template, fail)
+        yield _Rendering(row["messages"], tokenizer, template, options, fail)
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -153,15 +156,21 @@ def _special_ids(tokenizer) -> set[int]:
     return added | set(tokenizer.all_special_ids)
 
 
+_GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
 def assistant_tokens(
-    rows: list[dict], tokenizer, template: str, train_on: str, source: tuple[str, object]
+    rows: list[dict], tokenizer, template: str, options: dict, train_on: str, source: tuple[str, object]
 ) -> Iterator[tuple[list[int], list[bool]]]:
     """Per conversation: its token ids, as apply_chat_template tokenises it (the template adds any
     BOS itself), and which of them the loss is on: the assistant turns (`train_on`: all of them or
-    the last), each with its end-of-turn token. `source` (the config key and value the rows come
-    from) names a bad row."""
+    the last), each with its end-of-turn token. `options` are the template's own (task.chat_template_kwargs);
+    `source` (the config key and value the rows come from) names a bad row."""
+    if _GENERATION_MARKER.search(template):
+        yield from _marked_assistant_tokens(rows, tokenizer, template, options, train_on, source)
+        return
     special = _special_ids(tokenizer)
-    for rendering in _renderings(rows, tokenizer, template, source):
+    for rendering in _renderings(rows, tokenizer, template, options, source):
         encoded = tokenizer(rendering.text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         special_spans = [span for token, span in zip(ids, offsets, strict=True) if token in special]
@@ -169,10 +178,29 @@ def assistant_tokens(
         spans = []
         for turn in turns:
             start, content_end = rendering.response(turn)
-            turn_end = len(rendering.upto[turn])
-            closing = next((e for s, e in special_spans if content_end <= s < turn_end), turn_end)
+            turn_end = rendering.turn_end(turn)
+            closing = next((e for s, e in special_spans if content_end <= s < turn_end), content_end)
             spans.append((start, closing))
         yield ids, _in_spans(offsets, spans)
+
+
+def _marked_assistant_tokens(rows, tokenizer, template, options, train_on, source):
+    """transformers' assistant mask of a template with {% generation %} markers; for `last_turn`, its
+    last run of assistant tokens."""
+    for rendering in _renderings(rows, tokenizer, template, options, source):
+        encoded = tokenizer.apply_chat_template(
+            rendering.messages,
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            **options,
+        )
+        mask = [bool(m) for m in encoded["assistant_masks"]]
+        if train_on == "last_turn":
+            last_start = max((i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])), default=0)
+            mask = [m and i >= last_start for i, m in enumerate(mask)]
+        yield list(encoded["input_ids"]), mask
 
 
 def _in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -186,22 +214,56 @@ def _in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
     return inside
 
 
-def generation_prompts(
-    rows: list[dict], tokenizer, template: str, source: tuple[str, object]
-) -> tuple[list[str], list[str]]:
-    """For generation metrics: each conversation up to its last assistant turn, rendered with the
-    generation prompt, and that turn's response as the template renders it.
-
-    The scorer tokenises a prompt with the tokenizer's own special tokens; a template that already
+def _without_added_bos(tokenizer, prompt: str) -> str:
+    """The scorer tokenises a prompt with the tokenizer's own special tokens; a template that already
     starts with the BOS the tokenizer adds loses it here, so the model reads the tokens it trained on."""
     adds_bos = tokenizer.bos_token is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return prompt.removeprefix(tokenizer.bos_token) if adds_bos else prompt
+
+
+def generation_prompts(
+    rows: list[dict], tokenizer, template: str, options: dict, source: tuple[str, object]
+) -> tuple[list[str], list[str]]:
+    """For generation metrics: each conversation up to its last assistant turn, rendered with the
+    generation prompt, and that turn's response as the template renders it, decoded as a generation is."""
     prompts, references = [], []
-    for rendering in _renderings(rows, tokenizer, template, source):
+    for rendering in _renderings(rows, tokenizer, template, options, source):
         last = rendering.assistant_turns[-1]
         start, content_end = rendering.response(last)
-        prompt = rendering.prompts[last]
-        if adds_bos:
-            prompt = prompt.removeprefix(tokenizer.bos_token)
-        prompts.append(prompt)
-        references.append(rendering.upto[last][start:content_end])
+        prompts.append(_without_added_bos(tokenizer, rendering.prompts[last]))
+        # as a generation that reproduces the turn decodes (special tokens such as <think> skipped)
+        response = tokenizer(rendering.text[start:content_end], add_special_tokens=False)["input_ids"]
+        references.append(tokenizer.decode(response, skip_special_tokens=True))
     return prompts, references
+
+
+def user_prompts(tokenizer, template: str, options: dict, texts: list[str], system: str | None) -> list[str]:
+    """Texts as user turns (after a system message, if given), rendered with the generation prompt:
+    what `generate` completes on a chat run."""
+    before = [{"role": "system", "content": system}] if system else []
+    conversations = [[*before, {"role": "user", "content": text}] for text in texts]
+    return [
+        _without_added_bos(tokenizer, p) for p in _render(tokenizer, template, options, conversations, True)
+    ]
+
+
+def end_of_turn_ids(tokenizer, template: str, options: dict) -> list[int]:
+    """The special tokens that close an assistant turn in this template (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, EOS), found by rendering a two-message conversation: generation stops at them."""
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    ((ids, mask),) = assistant_tokens(
+        [{"messages": messages}],
+        tokenizer,
+        template,
+        options,
+        "all_assistant",
+        ("task.chat_template", template),
+    )
+    special = _special_ids(tokenizer)
+    # the last token of each learned run, where special (a <think> inside the turn is not its end)
+    closing = {
+        token
+        for i, (token, learned) in enumerate(zip(ids, mask, strict=True))
+        if learned and token in special and (i + 1 == len(mask) or not mask[i + 1])
+    }
+    return sorted(closing | {tokenizer.eos_token_id} - {None})

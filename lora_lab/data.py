@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lora_lab.chat import assistant_tokens, generation_prompts, resolve_template
+from lora_lab.chat import assistant_tokens, end_of_turn_ids, generation_prompts, resolve_template
 from lora_lab.config import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class TaskData:
     # For generation-based metrics: the eval prompts and their reference responses.
     eval_prompts: list[str]
     eval_references: list[str]
+    # Tokens that end a response besides EOS: a chat template's end-of-turn tokens.
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 def tokenize_sft(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
@@ -58,11 +60,12 @@ def tokenize_chat(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     template: str,
+    options: dict,
     train_on: str,
     source: tuple[str, object],
 ) -> Dataset:
     """One example per conversation, the loss on its assistant turns (lora_lab/chat.py)."""
-    encoded = assistant_tokens(rows, tokenizer, template, train_on, source)
+    encoded = assistant_tokens(rows, tokenizer, template, options, train_on, source)
     return _labelled_examples(encoded, len(rows), max_length, "conversations")
 
 
@@ -208,6 +211,7 @@ def build_task_data(
     attn_implementation: str = "sdpa",
     train_on: str = "all_assistant",
     chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
     row_sources: tuple[tuple[str, object], tuple[str, object]] = (
         ("task.train_path", None),
         ("task.eval_path", None),
@@ -215,17 +219,18 @@ def build_task_data(
 ) -> TaskData:
     """Tokenised train/eval sets, the collator (`batch_collator`) and, for SFT and chat, the eval
     prompts and references of generation metrics. Conversations (`chat`) are rendered with
-    `chat_template` (task.chat_template, else the tokenizer's own) and learn the assistant turns that
+    `chat_template` (task.chat_template, else the tokenizer's own) with `chat_template_kwargs`, and learn the assistant turns that
     `train_on` names; a bad one is refused naming the config key and value its rows come from
     (`row_sources`, train and eval) and its row."""
     collator = batch_collator(task_format, tokenizer, packing, attn_implementation)
     train_source, eval_source = row_sources
     if task_format == "chat":
-        template = resolve_template(tokenizer, chat_template)
-        train = tokenize_chat(train_rows, tokenizer, max_length, template, train_on, train_source)
-        evaluation = tokenize_chat(eval_rows, tokenizer, max_length, template, train_on, eval_source)
-        prompts, references = generation_prompts(eval_rows, tokenizer, template, eval_source)
-        return TaskData(train, evaluation, collator, prompts, references)
+        template, options = resolve_template(tokenizer, chat_template), dict(chat_template_kwargs or {})
+        train = tokenize_chat(train_rows, tokenizer, max_length, template, options, train_on, train_source)
+        evaluation = tokenize_chat(eval_rows, tokenizer, max_length, template, options, train_on, eval_source)
+        prompts, references = generation_prompts(eval_rows, tokenizer, template, options, eval_source)
+        stop = end_of_turn_ids(tokenizer, template, options)
+        return TaskData(train, evaluation, collator, prompts, references, stop)
     tokenize = TOKENIZERS[task_format]
     sft = task_format == "sft"
     return TaskData(

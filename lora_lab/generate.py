@@ -2,6 +2,10 @@
 
 python -m lora_lab.generate outputs/2026-11-23/10-00-00 "sort 3 1 2 :"
 python -m lora_lab.generate <classification run> "the film was superb" "the food was awful"
+python -m lora_lab.generate <chat run> "sort 3 1 2" --system "You sort digits."
+
+On a chat run each text is a user turn, rendered with the run's chat template, and the response
+ends at the template's end-of-turn token; it prints the text and the response, tab-separated.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_lab.chat import end_of_turn_ids, resolve_template, user_prompts
 from lora_lab.config import exit_on_config_error
 from lora_lab.metrics import generate_responses
 from lora_lab.runs import load_run
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("texts", nargs="+", help="prompts to complete, or texts to classify")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--system", help="a system message before each user turn (chat runs)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
     with exit_on_config_error():
@@ -42,6 +48,13 @@ def main() -> None:
             args.texts, classify(model, tokenizer, args.texts, run.task.labels), strict=True
         ):
             print(f"{label}\t{probability:.3f}\t{text}")
+    elif run.task.format == "chat":
+        template, options = resolve_template(tokenizer, run.task.chat_template), run.task.chat_template_kwargs
+        prompts = user_prompts(tokenizer, template, options, args.texts, args.system)
+        stop = end_of_turn_ids(tokenizer, template, options)
+        responses = generate_responses(model, tokenizer, prompts, args.max_new_tokens, 8, stop)
+        for text, response in zip(args.texts, responses, strict=True):
+            print(f"{text}\t{response}")
     else:
         for prompt, completion in zip(
             args.texts, generate_responses(model, tokenizer, args.texts, args.max_new_tokens, 8), strict=True

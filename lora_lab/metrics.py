@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -77,9 +77,10 @@ def add_perplexity(metrics: dict[str, float]) -> None:
 
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, stop_token_ids: list[int] = ()
 ) -> list[str]:
-    """Greedy decoding of each prompt's continuation, stopped at EOS."""
+    """Greedy decoding of each prompt's continuation, stopped at EOS or one of `stop_token_ids` (a chat
+    template's end-of-turn tokens)."""
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
@@ -95,7 +96,7 @@ def generate_responses(
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=sorted({tokenizer.eos_token_id, *stop_token_ids} - {None}),
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -138,11 +139,17 @@ class ExactMatchScorer:
     answer_pattern: str | None
     max_new_tokens: int
     batch_size: int
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def __call__(self, model, limit: int | None = None) -> float:
         """On all prompts, or on the first `limit` of them (the same ones at every call)."""
         predictions = generate_responses(
-            model, self.tokenizer, self.prompts[:limit], self.max_new_tokens, self.batch_size
+            model,
+            self.tokenizer,
+            self.prompts[:limit],
+            self.max_new_tokens,
+            self.batch_size,
+            self.stop_token_ids,
         )
         return exact_match(predictions, self.references[:limit], self.answer_pattern)
 

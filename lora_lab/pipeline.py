@@ -129,9 +129,10 @@ def train(run: RunConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defau
             tokenizer,
             task.max_length,
             run.train.packing,
-            attn_implementation=run.model.attn_implementation,
+            attn_implementation=model.config._attn_implementation,
             train_on=task.train_on,
             chat_template=task.chat_template,
+            chat_template_kwargs=task.chat_template_kwargs,
             row_sources=row_sources(task),
         )
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))
@@ -147,6 +148,7 @@ def train(run: RunConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defau
             task.answer_pattern,
             task.generate_max_new_tokens,
             run.train.eval_batch_size,
+            data.stop_token_ids,
         )
         pruning = None
         if in_sweep and pruner_cfg:

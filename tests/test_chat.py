@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import compose, train_run
 from tokenizers import processors
 
@@ -279,3 +280,58 @@ def test_chat_sort_learns_exact_match_over_the_untrained_model(tmp_path):
     metrics = train_run(CHAT_SORT_RUN, tmp_path / "run")
     assert metrics["eval/exact_match"] >= untrained + 0.05
     assert metrics["eval/token_accuracy"] > metrics["baseline/token_accuracy"]
+
+
+def test_generation_speaks_the_template_user_turns_rendered_and_stopped_at_its_end_of_turn():
+    from lora_lab.chat import end_of_turn_ids, user_prompts
+    from lora_lab.metrics import generate_responses
+
+    tokenizer = chat_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_ids(tokenizer, CHATML, {}) == sorted({im_end, tokenizer.eos_token_id})
+    assert end_of_turn_ids(tokenizer, LLAMA3, {}) == sorted(
+        {tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id}
+    )
+    assert user_prompts(tokenizer, CHATML, {}, ["sort 3 1 2"], "You sort digits.") == [
+        "<|im_start|>system\nYou sort digits.<|im_end|>\n<|im_start|>user\nsort 3 1 2<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ]
+    # a model that always predicts <|im_end|> first: the response ends there, not at the token limit
+    run = validate(compose([]))
+    model, _ = load_model(run.model, run.quant, [], "cpu")
+    model.resize_token_embeddings(len(tokenizer))
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer))
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[im_end] = 10.0
+    model.lm_head = head
+    prompt = user_prompts(tokenizer, CHATML, {}, ["sort 3 1 2"], None)
+    assert generate_responses(model, tokenizer, prompt, 20, 1, [im_end]) == [""]  # special: decoded away
+    # and without the template's end-of-turn token it runs on to the limit
+    with torch.no_grad():
+        head.bias[im_end], head.bias[tokenizer.convert_tokens_to_ids("a")] = 9.0, 10.0
+    assert generate_responses(model, tokenizer, prompt, 20, 1, [im_end]) == ["a" * 20]
+
+
+def test_template_options_reach_the_template():
+    tokenizer = chat_tokenizer()
+    template = (
+        "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+        "{%- if enable_thinking is defined and not enable_thinking %}{{- 'NO THINKING\n' }}{%- endif %}{%- endif %}"
+    )
+    rows = [{"messages": CONVERSATION[1:3]}]
+    plain = build_task_data(rows, rows, "chat", tokenizer, 512, False, chat_template=template)
+    off = build_task_data(
+        rows,
+        rows,
+        "chat",
+        tokenizer,
+        512,
+        False,
+        chat_template=template,
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    assert plain.eval_prompts[0].endswith("<|im_start|>assistant\n")
+    assert off.eval_prompts[0].endswith("<|im_start|>assistant\nNO THINKING\n")

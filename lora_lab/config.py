@@ -150,10 +150,12 @@ class TaskConfig:
     generate_max_new_tokens: int = 32
     # Conversations: which assistant turns carry the loss (all_assistant | last_turn), and the chat
     # template for a tokenizer without one (chatml, llama3, or a Jinja string), and options that
-    # reach apply_chat_template (e.g. Qwen3's enable_thinking: false).
+    # reach apply_chat_template (e.g. Qwen3's enable_thinking: false); whether an assistant's
+    # reasoning (reasoning_content, <think>...</think>), where the template renders it, carries loss.
     train_on: str = "all_assistant"
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_on_reasoning: bool = True
 
 
 @dataclass

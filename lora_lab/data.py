@@ -16,8 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lora_lab.chat import assistant_tokens, end_of_turn_ids, generation_prompts, resolve_template
-from lora_lab.config import TaskConfig
+from lora_lab.chat import Chat, assistant_tokens, generation_prompts, resolve_template
+from lora_lab.config import ConfigError, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,10 @@ def tokenize_sft(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_lengt
 
 
 def tokenize_chat(
-    rows: list[dict],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    template: str,
-    options: dict,
-    train_on: str,
-    source: tuple[str, object],
+    rows: list[dict], chat: Chat, max_length: int, train_on: str, source: tuple[str, object]
 ) -> Dataset:
     """One example per conversation, the loss on its assistant turns (lora_lab/chat.py)."""
-    encoded = assistant_tokens(rows, tokenizer, template, options, train_on, source)
+    encoded = assistant_tokens(rows, chat, train_on, source)
     return _labelled_examples(encoded, len(rows), max_length, "conversations")
 
 
@@ -93,6 +87,12 @@ def _labelled_examples(
             max_length,
             count - len(examples),
             what,
+        )
+    if count and not examples:
+        raise ConfigError(
+            "task.max_length",
+            max_length,
+            f"each of the {count} {what} is cut before a token it could learn from: raise it",
         )
     return Dataset.from_list(examples)
 
@@ -212,6 +212,7 @@ def build_task_data(
     train_on: str = "all_assistant",
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
+    train_on_reasoning: bool = True,
     row_sources: tuple[tuple[str, object], tuple[str, object]] = (
         ("task.train_path", None),
         ("task.eval_path", None),
@@ -225,12 +226,16 @@ def build_task_data(
     collator = batch_collator(task_format, tokenizer, packing, attn_implementation)
     train_source, eval_source = row_sources
     if task_format == "chat":
-        template, options = resolve_template(tokenizer, chat_template), dict(chat_template_kwargs or {})
-        train = tokenize_chat(train_rows, tokenizer, max_length, template, options, train_on, train_source)
-        evaluation = tokenize_chat(eval_rows, tokenizer, max_length, template, options, train_on, eval_source)
-        prompts, references = generation_prompts(eval_rows, tokenizer, template, options, eval_source)
-        stop = end_of_turn_ids(tokenizer, template, options)
-        return TaskData(train, evaluation, collator, prompts, references, stop)
+        chat = Chat(
+            tokenizer,
+            resolve_template(tokenizer, chat_template),
+            chat_template_kwargs or {},
+            train_on_reasoning,
+        )
+        train = tokenize_chat(train_rows, chat, max_length, train_on, train_source)
+        evaluation = tokenize_chat(eval_rows, chat, max_length, train_on, eval_source)
+        prompts, references = generation_prompts(eval_rows, chat, eval_source)
+        return TaskData(train, evaluation, collator, prompts, references, chat.end_of_turn_ids)
     tokenize = TOKENIZERS[task_format]
     sft = task_format == "sft"
     return TaskData(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lora_lab.chat import end_of_turn_ids, resolve_template, user_prompts
+from lora_lab.chat import Chat, resolve_template, user_prompts
 from lora_lab.config import exit_on_config_error
 from lora_lab.metrics import generate_responses
 from lora_lab.runs import load_run
@@ -49,10 +49,13 @@ def main() -> None:
         ):
             print(f"{label}\t{probability:.3f}\t{text}")
     elif run.task.format == "chat":
-        template, options = resolve_template(tokenizer, run.task.chat_template), run.task.chat_template_kwargs
-        prompts = user_prompts(tokenizer, template, options, args.texts, args.system)
-        stop = end_of_turn_ids(tokenizer, template, options)
-        responses = generate_responses(model, tokenizer, prompts, args.max_new_tokens, 8, stop)
+        chat = Chat(
+            tokenizer, resolve_template(tokenizer, run.task.chat_template), run.task.chat_template_kwargs
+        )
+        prompts = user_prompts(chat, args.texts, args.system)
+        responses = generate_responses(
+            model, tokenizer, prompts, args.max_new_tokens, 8, chat.end_of_turn_ids
+        )
         for text, response in zip(args.texts, responses, strict=True):
             print(f"{text}\t{response}")
     else:

@@ -133,6 +133,7 @@ def train(run: RunConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defau
             train_on=task.train_on,
             chat_template=task.chat_template,
             chat_template_kwargs=task.chat_template_kwargs,
+            train_on_reasoning=task.train_on_reasoning,
             row_sources=row_sources(task),
         )
         log.info("task %s: %d train / %d eval examples", task.name, len(data.train), len(data.eval))

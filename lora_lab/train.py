@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,6 +85,13 @@ def fail(message: str, status: int, single_run: bool) -> None:
         sys.exit(status)
 
 
+def remove_refused_run_dir(run_dir: Path) -> None:
+    """A single run refused before it trained leaves no run dir: Hydra's .hydra/ and a train.log that
+    holds only the line the console showed. A dir holding anything else (a run being resumed) stays."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir)
+
+
 @hydra.main(config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
@@ -106,6 +114,8 @@ def run_job(cfg: DictConfig, run_dir: Path, single_run: bool) -> float | list[fl
         check_metric_names(run.task.kind, run.task.metrics, run.task.metric, run.task.labels)
         objectives = objective_names(run.optimized_metric, run.task.metrics, run.harness)
     except ConfigError as e:
+        if single_run:
+            remove_refused_run_dir(run_dir)
         fail(str(e), 2, single_run)
         raise
     log.info("config valid; loading torch and the model (checks that need the model follow)")
@@ -127,6 +137,8 @@ def run_job(cfg: DictConfig, run_dir: Path, single_run: bool) -> float | list[fl
         fail(f"CUDA out of memory ({str(e).splitlines()[0]}). {OOM_ADVICE}", 3, single_run)
         raise
     except (ConfigError, TrainingDiverged) as e:
+        if single_run and isinstance(e, ConfigError):
+            remove_refused_run_dir(run_dir)
         fail(str(e), 2, single_run)
         raise
     log.info("outputs in %s", run_dir)

@@ -195,3 +195,29 @@ def postgres_url():
     finally:
         run(pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop")
         shutil.rmtree(data, ignore_errors=True)
+
+
+def exact_match_before_and_after(overrides: list[str], run_dir: Path) -> tuple[float, dict]:
+    """A chat run's exact match of the untrained base model (scored as the run scores, stopping at
+    its template's end-of-turn tokens), and the metrics of the run trained on `overrides`."""
+    from lora_lab.config import validate
+    from lora_lab.data import build_task_data
+    from lora_lab.metrics import ExactMatchScorer
+    from lora_lab.models import load_model
+    from lora_lab.tasks import load_rows
+
+    run = validate(compose(overrides), overrides)
+    model, tokenizer = load_model(run.model, run.quant, [], "cpu")
+    train_rows, eval_rows = load_rows(run.task)
+    data = build_task_data(train_rows, eval_rows, "chat", tokenizer, run.task.max_length, False)
+    scorer = ExactMatchScorer(
+        tokenizer,
+        data.eval_prompts,
+        data.eval_references,
+        None,
+        run.task.generate_max_new_tokens,
+        64,
+        data.stop_token_ids,
+    )
+    untrained = scorer(model)
+    return untrained, train_run(overrides, run_dir)

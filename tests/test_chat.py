@@ -7,14 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import compose, train_run
+from conftest import compose, exact_match_before_and_after, train_run
 from tokenizers import processors
 
 from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data
-from lora_lab.metrics import ExactMatchScorer
 from lora_lab.models import byte_level_tokenizer, load_model
-from lora_lab.tasks import load_rows
 
 # Written here, not taken from lora_lab: the masks are checked against templates lora_lab never saw.
 CHATML = (
@@ -166,9 +164,14 @@ DROPS_SYSTEM = (
     ("row", "template", "reason"),
     [
         (
+            {"messages": [CONVERSATION[1], {"role": "bot", "content": "42"}, CONVERSATION[2]]},
+            CHATML,
+            "message 1 has role 'bot'; roles are system, user, assistant, tool",
+        ),
+        (
             {"messages": [CONVERSATION[1], {"role": "tool", "content": "42"}, CONVERSATION[2]]},
             CHATML,
-            "message 1 has role 'tool'; roles are system, user, assistant",
+            r"it uses tools, and the chat template renders no tools list or tool calls",
         ),
         ({"messages": []}, CHATML, "the conversation is empty"),
         ({"messages": CONVERSATION[:2]}, CHATML, "the conversation has no assistant turn"),
@@ -196,12 +199,12 @@ def test_a_bad_conversation_is_refused_naming_the_key_and_the_row(row, template,
 def test_a_bad_conversation_in_a_file_fails_the_run_naming_the_file_and_row_before_anything_is_written(
     tmp_path,
 ):
-    rows = [{"messages": CONVERSATION}, {"messages": [CONVERSATION[1], {"role": "tool", "content": "x"}]}]
+    rows = [{"messages": CONVERSATION}, {"messages": [CONVERSATION[1], {"role": "bot", "content": "x"}]}]
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows * 5))
     overrides = ["task=files", f"task.train_path={path}", "train.max_steps=1"]
     with pytest.raises(
-        ConfigError, match=rf"^task.train_path='{path}' is invalid: row 1: message 1 has role 'tool'"
+        ConfigError, match=rf"^task.train_path='{path}' is invalid: row 1: message 1 has role 'bot'"
     ):
         train_run(overrides, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -271,28 +274,23 @@ CHAT_SORT_RUN = [
 
 
 def test_chat_sort_learns_exact_match_over_the_untrained_model(tmp_path):
-    run = validate(compose(CHAT_SORT_RUN), CHAT_SORT_RUN)
-    model, tokenizer = load_model(run.model, run.quant, [], "cpu")
-    train_rows, eval_rows = load_rows(run.task)
-    data = build_task_data(train_rows, eval_rows, "chat", tokenizer, run.task.max_length, False)
-    untrained = ExactMatchScorer(tokenizer, data.eval_prompts, data.eval_references, None, 12, 64)(model)
-
-    metrics = train_run(CHAT_SORT_RUN, tmp_path / "run")
+    untrained, metrics = exact_match_before_and_after(CHAT_SORT_RUN, tmp_path / "run")
     assert metrics["eval/exact_match"] >= untrained + 0.05
     assert metrics["eval/token_accuracy"] > metrics["baseline/token_accuracy"]
 
 
 def test_generation_speaks_the_template_user_turns_rendered_and_stopped_at_its_end_of_turn():
-    from lora_lab.chat import end_of_turn_ids, user_prompts
+    from lora_lab.chat import Chat, user_prompts
     from lora_lab.metrics import generate_responses
 
     tokenizer = chat_tokenizer()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end_of_turn_ids(tokenizer, CHATML, {}) == sorted({im_end, tokenizer.eos_token_id})
-    assert end_of_turn_ids(tokenizer, LLAMA3, {}) == sorted(
+    chatml = Chat(tokenizer, CHATML, {})
+    assert chatml.end_of_turn_ids == sorted({im_end, tokenizer.eos_token_id})
+    assert Chat(tokenizer, LLAMA3, {}).end_of_turn_ids == sorted(
         {tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id}
     )
-    assert user_prompts(tokenizer, CHATML, {}, ["sort 3 1 2"], "You sort digits.") == [
+    assert user_prompts(chatml, ["sort 3 1 2"], "You sort digits.") == [
         "<|im_start|>system\nYou sort digits.<|im_end|>\n<|im_start|>user\nsort 3 1 2<|im_end|>\n"
         "<|im_start|>assistant\n"
     ]
@@ -306,7 +304,7 @@ def test_generation_speaks_the_template_user_turns_rendered_and_stopped_at_its_e
         head.bias.zero_()
         head.bias[im_end] = 10.0
     model.lm_head = head
-    prompt = user_prompts(tokenizer, CHATML, {}, ["sort 3 1 2"], None)
+    prompt = user_prompts(chatml, ["sort 3 1 2"], None)
     assert generate_responses(model, tokenizer, prompt, 20, 1, [im_end]) == [""]  # special: decoded away
     # and without the template's end-of-turn token it runs on to the limit
     with torch.no_grad():

@@ -314,7 +314,42 @@ BAD_FILES = [
         ["task.eval_fraction=1.5"],
         r"task.eval_fraction=1.5 is invalid",
     ),
+    # data errors name the file and the line (1-based, as an editor shows it), a bad label the field
+    (lambda p: _text(p / "empty.jsonl", ""), [], r"is invalid: .*empty.jsonl, line 1: the file is empty$"),
+    (
+        lambda p: _text(p / "d.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": \n'),
+        [],
+        r"is invalid: .*d.jsonl, line 4: not valid JSON \(Expecting value, column 10\)$",
+    ),
+    (
+        lambda p: _text(p / "d.jsonl", '{"text": "a"}\n[1, 2]\n'),
+        [],
+        r"is invalid: .*d.jsonl, line 2: a row is a JSON object, this line holds a list$",
+    ),
+    (
+        lambda p: _text(p / "d.json", '[{"text": "a"},\n {"text": "b"\n]'),
+        [],
+        r"is invalid: .*d.json, line 3: not valid JSON",
+    ),
+    (
+        lambda p: write(p / "d.jsonl", [{"text": " "}, {"text": ""}] * 4),
+        ["task.eval_path=null"],
+        r"^task.train_path=.* is invalid: none of its \d+ rows is usable: each 'text' is empty$",
+    ),
+    (
+        lambda p: write(
+            p / "d.jsonl",
+            [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}, {"text": "z", "label": ""}],
+        ),
+        ["task.kind=seq_cls", "task.label_field=label"],
+        r"^task.label_field='label' is invalid: row 2 has label '' in it; labels are ints or non-empty names$",
+    ),
 ]
+
+
+def _text(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 @pytest.mark.parametrize("make,overrides,message", BAD_FILES)
@@ -341,4 +376,4 @@ def test_a_csv_without_its_label_column_exits_2_writing_nothing(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "is invalid" in line]
     assert len(errors) == 1 and "task.label_field='label'" in errors[0] and "row 0" in errors[0]
-    assert {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}
+    assert not run_dir.exists()  # a refused run leaves no run dir

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, train_run, write_jsonl
+from conftest import exact_match_before_and_after, write_jsonl
 from test_families import SIZES
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lora_lab.config import validate
+from lora_lab.chat import Chat
 from lora_lab.data import build_task_data
-from lora_lab.metrics import ExactMatchScorer
-from lora_lab.models import byte_level_tokenizer, load_model
-from lora_lab.tasks import load_rows
+from lora_lab.models import byte_level_tokenizer
 from lora_lab.tasks.builtin import chat_sort_rows
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -157,17 +155,11 @@ def test_a_model_learns_multi_turn_conversations_with_a_system_message_in_its_ow
         "train.eval_steps=600",
         "task.max_eval_samples=64",
     ]
-    run = validate(compose(overrides), overrides)
-    model, tokenizer = load_model(run.model, run.quant, [], "cpu")
-    train_rows, eval_rows = load_rows(run.task)
-    data = build_task_data(train_rows, eval_rows, "chat", tokenizer, 512, False)
-    assert tokenizer.convert_tokens_to_ids(entry["end_of_turn"]) in data.stop_token_ids
-    scorer = ExactMatchScorer(
-        tokenizer, data.eval_prompts, data.eval_references, None, 12, 64, data.stop_token_ids
-    )
-    untrained = scorer(model)
-
-    metrics = train_run(overrides, tmp_path / "run")
+    end_of_turn = tokenizer.convert_tokens_to_ids(entry["end_of_turn"])
+    assert (
+        end_of_turn in Chat(tokenizer, tokenizer.chat_template, {}).end_of_turn_ids
+    )  # generation stops there
+    untrained, metrics = exact_match_before_and_after(overrides, tmp_path / "run")
     print(
         f"{model_type} with {template_name}'s template: exact match {untrained:.4f} -> {metrics['eval/exact_match']:.4f}"
     )

@@ -3,7 +3,7 @@
 Rows of every source come in one of the row shapes of `config.ROW_SHAPE_FORMATS`, detected from the
 first training row's fields (or forced by `task.shape`), and are normalised to what their format's
 tokeniser takes (lora_lab/data.py): `sft` {prompt, response}, `lm` {text}, `cls` {text, text_pair,
-label (int)}, `chat` {messages: [{role: system|user|assistant, content}, ...]}.
+label (int)}, `chat` {messages: [{role: system|user|assistant|tool, content, ...}, ...], tools}.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ SHAREGPT_ROLES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    # function-calling data (LLaMA-Factory's ShareGPT): the assistant's call and the tool's result
+    "function_call": "function_call",
+    "observation": "tool",
 }
 
 
@@ -46,28 +49,40 @@ class Shape:
 
 
 def _turns(task: TaskConfig, row: dict, index: int, field: str, role_key: str, text_key: str) -> dict:
+    """A conversation as lora_lab/chat.py takes it: messages (ShareGPT's turns mapped to them) and the
+    row's tools. The messages' contents stay as stored (text, parts, tool calls): chat checks them."""
     turns = row[field]
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise ConfigError("task.shape", field, f"row {index}: {field} is a list of turns, got {turns!r:.80}")
+    tools = {"tools": row["tools"]} if row.get("tools") is not None else {}
+    if field == "messages":
+        return {"messages": turns, **tools}
     messages = []
     for number, turn in enumerate(turns):
-        if not isinstance(turn.get(role_key), str) or turn.get(text_key) is None:
+        role = turn.get(role_key)
+        if role not in SHAREGPT_ROLES or turn.get(text_key) is None:
             raise ConfigError(
                 "task.shape",
                 field,
-                f"row {index} turn {number} needs {role_key} and {text_key}, got {turn!r:.80}",
+                f"row {index} turn {number} is from {role!r}; ShareGPT turns are from "
+                f"{', '.join(SHAREGPT_ROLES)}, each with a {text_key}",
             )
-        role = turn[role_key]
-        if field == "conversations":
-            if role not in SHAREGPT_ROLES:
-                raise ConfigError(
-                    "task.shape",
-                    field,
-                    f"row {index} turn {number} is from {role!r}; ShareGPT turns are from {', '.join(SHAREGPT_ROLES)}",
-                )
-            role = SHAREGPT_ROLES[role]
-        messages.append({"role": role, "content": str(turn[text_key])})
-    return {"messages": messages}
+        messages.append(_sharegpt_message(SHAREGPT_ROLES[role], turn[text_key]))
+    return {"messages": messages, **tools}
+
+
+def _sharegpt_message(role: str, value: object) -> dict:
+    """A ShareGPT turn as a message: a function_call's value (JSON, {"name", "arguments"}) becomes the
+    assistant's tool call, an observation the tool's result."""
+    if role == "function_call":
+        call = json.loads(value) if isinstance(value, str) else value
+        calls = call if isinstance(call, list) else [call]
+        return {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": c} for c in calls],
+        }
+    return {"role": role, "content": value}
 
 
 def _text_label(task: TaskConfig, row: dict, index: int) -> dict:
@@ -173,7 +188,7 @@ def format_row(task: TaskConfig, row: dict, index: int, shape: str | None = None
     from this row."""
     formatted = _normalised(task, row, index, shape)
     if "label" in formatted:
-        formatted["label"] = _label_index(task.labels, formatted["label"], index, by_name=False)
+        formatted["label"] = _label_index(task.labels, formatted["label"], index, False, task.label_field)
     return formatted
 
 
@@ -237,16 +252,18 @@ def load_task(task: TaskConfig, recorded: dict | None = None) -> TaskRows:
         for row, (number, _) in zip(rows, pairs, strict=True):
             if "label" in row:
                 row["label"] = _label_index(
-                    task.labels, row["label"], number, by_name, key, getattr(task, key[5:])
+                    task.labels, row["label"], number, by_name, task.label_field, key, getattr(task, key[5:])
                 )
+    read = [len(train), len(evaluation)]
     if task.format == "lm":
         train, evaluation = (
             [r for r in train if r["text"].strip()],
             [r for r in evaluation if r["text"].strip()],
         )
-    for key, rows in (("task.train_path", train), (eval_key, evaluation)):
+    for key, rows, count in (("task.train_path", train, read[0]), (eval_key, evaluation, read[1])):
         if not rows:
-            raise ConfigError(key, getattr(task, key[5:]), "the data has no usable rows")
+            why = f": each {task.text_field!r} is empty" if count and task.format == "lm" else ""
+            raise ConfigError(key, getattr(task, key[5:]), f"none of its {count} rows is usable{why}")
     fields = [f for _, f in SHAPES[shape].fields(task)] if shape else []
     log.info(
         "task %s: %s rows (fields %s), read as %s%s; %d train / %d eval rows%s",
@@ -328,7 +345,7 @@ def _settle_labels(
     if task.labels:
         return False
     for row, (number, _) in zip(train, train_pairs, strict=True):
-        _check_label(row["label"], number)
+        _check_label(row["label"], number, task.label_field)
     values = {row["label"] for row in train}
     task.labels = [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
     if len(task.labels) < 2:
@@ -340,19 +357,28 @@ def _settle_labels(
     return True
 
 
-def _check_label(label: object, index: int, where: str | None = None) -> None:
+def _check_label(label: object, index: int, field: str, where: str | None = None) -> None:
+    """A label is an int or a non-empty name; the error names the field and, apart, the bad value."""
     if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
         origin = f"{where} " if where else ""
         raise ConfigError(
-            "task.label_field", label, f"{origin}row {index} has label {label!r}; labels are ints or names"
+            "task.label_field",
+            field,
+            f"{origin}row {index} has label {label!r} in it; labels are ints or non-empty names",
         )
 
 
 def _label_index(
-    labels: list[str], label: object, index: int, by_name: bool, key: str = "", where: str | None = None
+    labels: list[str],
+    label: object,
+    index: int,
+    by_name: bool,
+    field: str,
+    key: str = "",
+    where: str | None = None,
 ) -> int:
     """`label`'s index in `labels`: by name, or (not by_name) also an int as the index itself."""
-    _check_label(label, index, where)
+    _check_label(label, index, field, where)
     origin = f"{where} " if where else ""
     if by_name:
         if str(label) not in labels:

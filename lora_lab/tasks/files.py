@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 from pathlib import Path
 
 from lora_lab.config import ConfigError
@@ -51,6 +52,9 @@ def read_rows(key: str, spec: str, text_columns: set[str]) -> list[dict]:
     import datasets
 
     found = data_files(key, spec)
+    for file in [] if isinstance(found, Path) else found:
+        if not file.read_bytes().strip():
+            raise ConfigError(key, spec, f"{file}, line 1: the file is empty")
     try:
         if isinstance(found, Path):
             dataset = datasets.load_from_disk(str(found))
@@ -74,10 +78,35 @@ def read_rows(key: str, spec: str, text_columns: set[str]) -> list[dict]:
     except ConfigError:
         raise
     except Exception as e:  # malformed files: each builder raises its own types
-        raise ConfigError(
-            key, spec, f"could not be read ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
-        ) from None
+        where = None if isinstance(found, Path) else _json_error(found)
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise ConfigError(key, spec, where or f"could not be read ({reason})") from None
     return dataset.to_list()
+
+
+def _json_error(files: list[Path]) -> str | None:
+    """The first line of a JSON Lines (or JSON) file that is not a JSON object, with the line number
+    an editor shows; None where the files are not JSON or parse (the reader failed on something else)."""
+    for file in files:
+        if file.suffix.lower() == ".json":
+            try:
+                json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                return f"{file}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+            continue
+        if file.suffix.lower() != ".jsonl":
+            return None
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    return f"{file}, line {number}: not valid JSON ({e.msg}, column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"{file}, line {number}: a row is a JSON object, this line holds a {type(row).__name__}"
+    return None
 
 
 def digest(key: str, spec: str) -> str:

@@ -135,9 +135,10 @@ def _config_yaml(overrides):
 
 
 def test_generate_completes_prompts_and_classifies_texts(tmp_path):
-    for name, task, inputs in (
-        ("lm", "task=sort", ["sort 3 1 2 :"]),
-        ("cls", "task=sentiment", ["the film was superb", "the food was awful"]),
+    for name, task, inputs, options in (
+        ("lm", "task=sort", ["sort 3 1 2 :"], []),
+        ("cls", "task=sentiment", ["the film was superb", "the food was awful"], []),
+        ("chat", "task=chat_sort", ["sort 3 1 2"], ["--system", "Sort the digits."]),
     ):
         run = tmp_path / name
         train_run(
@@ -153,9 +154,14 @@ def test_generate_completes_prompts_and_classifies_texts(tmp_path):
         )
         (run / ".hydra").mkdir()
         (run / ".hydra" / "config.yaml").write_text(_config_yaml([task]))
-        result = cli(["-m", "lora_lab.generate", str(run), *inputs, "--max-new-tokens", "8"], cwd=tmp_path)
+        result = cli(
+            ["-m", "lora_lab.generate", str(run), *inputs, *options, "--max-new-tokens", "8"], cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         lines = result.stdout.strip().splitlines()
+        if name == "chat":  # the text as a user turn and the response, ended at the template's </s>
+            assert result.stdout.startswith("sort 3 1 2\t") and "<s>" not in result.stdout
+            continue
         assert len(lines) == len(inputs)
         if name == "cls":
             assert all(line.split("\t")[0] in ("negative", "positive") for line in lines)

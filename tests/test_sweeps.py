@@ -547,3 +547,47 @@ def test_successive_halving_preset_stops_trials_at_their_first_rung(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     rows = list(csv.DictReader((sweep_dir / "report.csv").read_text().splitlines()))
     assert [r["pruned at step"] for r in rows if r["state"] == "PRUNED"] == ["5"] * len(pruned)
+
+
+HYDRA_APP = """import hydra
+
+
+@hydra.main(version_base=None, config_path=".", config_name="config")
+def main(cfg) -> float:
+    return (cfg.x - 1) ** 2 + cfg.y**2
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_the_sweeper_serves_any_hydra_app_as_the_stock_one_does(tmp_path):
+    """An app without lora_lab's keys (optimized_metric, train.seed): its study is identified by its
+    directions and overrides, its best command reruns the app itself, and lora_lab's extras that need
+    train.seed (repeats, the winner's interval) are left out or refused in one line."""
+    (tmp_path / "app.py").write_text(HYDRA_APP)
+    (tmp_path / "config.yaml").write_text("x: 0\ny: 0\n")
+    grid = [
+        "-m",
+        "hydra/sweeper=lora_lab_optuna",
+        "hydra/sweeper/sampler=grid",
+        "x=range(-1,2)",
+        "y=range(-1,2)",
+    ]
+    result = cli(["app.py", *grid, f"hydra.sweep.dir={tmp_path / 's'}"], cwd=tmp_path, fresh=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = yaml.safe_load((tmp_path / "s" / "study_summary.yaml").read_text())
+    assert summary["trial_states"]["COMPLETE"] == 9 and summary["best_value"] == 0.0
+    assert summary["best_command"] == "python app.py x=1 y=0" and "winner" not in summary
+    study = optuna.load_study(study_name="app", storage=f"sqlite:///{tmp_path / 's' / 'optuna.db'}")
+    assert "optimized_metric" not in study.user_attrs["sweep_identity"]
+
+    repeated = cli(
+        ["app.py", *grid, "hydra.sweeper.seeds=2", f"hydra.sweep.dir={tmp_path / 'r'}"],
+        cwd=tmp_path,
+        fresh=True,
+    )
+    output = repeated.stdout + repeated.stderr
+    assert repeated.returncode != 0 and "Traceback" not in output
+    assert "hydra.sweeper.seeds=2 is invalid: 1 for an app without a train.seed key" in output

@@ -99,8 +99,9 @@ def study_identity(
     hash of its content, since the same path may hold other rows by the next sweep."""
     identity = {key: str(value) for key, value in fixed_params.items()}
     identity |= dict.fromkeys(deletions, "deleted")
-    metric = config.optimized_metric
-    identity["optimized_metric"] = metric if isinstance(metric, str) else ",".join(metric)
+    metric = OmegaConf.select(config, "optimized_metric", default=None)  # lora_lab's key; any Hydra app
+    if metric is not None:  # without it is identified by its directions and overrides alone
+        identity["optimized_metric"] = metric if isinstance(metric, str) else ",".join(metric)
     identity["hydra.sweeper.direction"] = ",".join(directions)
     for key in DATA_FILE_KEYS:
         path = OmegaConf.select(config, key, default=None)
@@ -111,6 +112,14 @@ def study_identity(
                     path += f" (sha256 {hashlib.file_digest(f, 'sha256').hexdigest()[:16]})"
             identity[key] = path
     return identity
+
+
+def program() -> str:
+    """How this Hydra app was started: `python -m lora_lab.train`, or `python <its script>`."""
+    script = os.path.normpath(sys.argv[0])
+    if script.endswith(os.path.join("lora_lab", "train.py")):
+        return "python -m lora_lab.train"
+    return f"python {sys.argv[0]}"
 
 
 def check_identity(study: optuna.Study, identity: dict[str, str]) -> None:
@@ -310,6 +319,12 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
             raise ConfigError(
                 "hydra.sweeper.seeds", self.seeds, "an integer >= 1 (runs per sampled configuration)"
             )
+        if self.seeds > 1 and OmegaConf.select(self.config, SEED, default=None) is None:
+            raise ConfigError(
+                "hydra.sweeper.seeds",
+                self.seeds,
+                f"1 for an app without a {SEED} key (repeats set it): this config has none",
+            )
         if self.seeds > 1 and SEED in distributions:
             raise ConfigError(
                 "hydra.sweeper.seeds",
@@ -317,9 +332,11 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
                 f"1 when {SEED} is searched (hydra.sweeper.seeds sets it): drop one of the two",
             )
 
-    def trial_seeds(self) -> list[int]:
-        """The train.seed values of each trial's jobs: the config's train.seed + 0 .. seeds - 1."""
-        return [int(self.config.train.seed) + k for k in range(self.seeds)]
+    def trial_seeds(self) -> list[int | None]:
+        """The train.seed values of each trial's jobs: the config's train.seed + 0 .. seeds - 1; one
+        job, as the config has it (None for an app without train.seed), without repeats."""
+        seed = OmegaConf.select(self.config, SEED, default=None)
+        return [seed] if self.seeds == 1 else [int(seed) + k for k in range(self.seeds)]
 
     def seed_job(self, overrides: tuple, trial: optuna.trial.Trial, seed: int) -> tuple:
         """A trial's job for one seed: with repeats, train.seed set and the job dir `<trial>_seed<seed>`
@@ -563,21 +580,32 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
         return folded
 
     def _objective_names(self) -> list[str]:
-        metric = self.config.optimized_metric
+        """The objectives by name: lora_lab's optimized_metric, or for another app `objective`
+        (`objective_<i>` for several), as the stock sweeper leaves them unnamed."""
+        metric = OmegaConf.select(self.config, "optimized_metric", default=None)
+        if metric is None:
+            n = len(self._get_directions())
+            return ["objective"] if n == 1 else [f"objective_{i}" for i in range(n)]
         return [metric] if isinstance(metric, str) else list(metric)
 
     def _rerun_command(self, trial: optuna.trial.FrozenTrial) -> str:
-        """The single run of a trial's configuration: the sweep's fixed overrides and its params."""
-        params = {k: v for k, v in {**trial.user_attrs, **trial.params}.items() if k not in TRIAL_ATTRS}
+        """The single run of a trial's configuration: the program, the sweep's fixed overrides and its
+        params, but not a trial's own train.seed (a seed is not a setting: a fixed one stays)."""
+        params = {
+            k: v
+            for k, v in {**trial.user_attrs, **trial.params}.items()
+            if k not in TRIAL_ATTRS and k != SEED
+        }
         fixed = [a for a in self._arguments if "(" not in a and a.split("=")[0] not in params]
-        return " ".join(
-            ["python -m lora_lab.train", *fixed, *(f"{k.lstrip('+')}={v}" for k, v in params.items())]
-        )
+        return " ".join([program(), *fixed, *(f"{k.lstrip('+')}={v}" for k, v in params.items())])
 
     def _winner(self, trials: list[optuna.trial.FrozenTrial]) -> dict[str, Any] | None:
         """Whether the best configuration beats the runner-up beyond noise (lora_lab.stats.compare):
         the configurations are the COMPLETE trials' params less train.seed, each run's value the
-        trial's per-seed values (hydra.sweeper.seeds) or its value."""
+        trial's per-seed values (hydra.sweeper.seeds) or its value. None for an app without
+        train.seed, whose configurations cannot be repeated with other seeds."""
+        if OmegaConf.select(self.config, SEED, default=None) is None:
+            return None
         groups: dict[str, list[float]] = {}
         for t in trials:
             if t.state == TrialState.COMPLETE:

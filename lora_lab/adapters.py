@@ -10,7 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
-from lora_lab.config import TARGET_PRESETS, AdapterConfig, ConfigError
+from lora_lab.config import TARGET_PRESETS, AdapterConfig
+from lora_lab.errors import ConfigError
 from lora_lab.structure import BlockParts, block_parts, blocks, is_adaptable
 
 log = logging.getLogger(__name__)

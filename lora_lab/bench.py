@@ -28,8 +28,8 @@ from datetime import date
 
 import torch
 
-from lora_lab.config import exit_on_config_error
 from lora_lab.data import batch_collator, batch_to, skips_cross_example_attention
+from lora_lab.errors import exit_on_config_error
 from lora_lab.loftq import QuantSpec, loftq_layer
 from lora_lab.speed import checkpointing_needed
 

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from functools import cached_property
 
-from lora_lab.config import ConfigError
+from lora_lab.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
 TRAIN_ON = ("all_assistant", "last_turn")

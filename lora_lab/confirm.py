@@ -20,9 +20,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lora_lab.config import ConfigError, exit_on_config_error
+from lora_lab import report
+from lora_lab.commands import key_of, quote
+from lora_lab.errors import ConfigError, exit_on_config_error
 
-CONFIRM = "python -m lora_lab.confirm {target} --top 3 --seeds 5"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SEED = "train.seed"
 # Not part of a configuration: the sweeper's bookkeeping and the seed. The sweep's preset groups
@@ -31,11 +32,6 @@ NOT_CONFIG = ("optuna_trial", SEED)
 PRESET_GROUPS = ("hparams_search", "experiment")
 # Hydra settings of the sweep that are not the confirm's own (its sweeper and dirs).
 SWEEP_ONLY = ("hydra.sweep", "hydra/sweeper", "hydra.sweeper", "hydra.mode")
-
-
-def quote(value: Any) -> str:
-    """Quote a value for Hydra's override grammar (storage URLs contain ':' and '/')."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def override_value(value: Any) -> str:
@@ -51,10 +47,6 @@ def override_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
     return quote(value)
-
-
-def key_of(override: str) -> str:
-    return override.split("=")[0].lstrip("+~")
 
 
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -120,8 +112,6 @@ def used_seeds(trials: list, jobs: dict[int, Path]) -> set[int]:
 def confirm(target: str, study_name: str | None, top: int, n_seeds: int) -> Path:
     """Rerun the top configurations, compare them; returns the confirm dir."""
     from optuna.trial import TrialState
-
-    from lora_lab import report  # torch and matplotlib: not imported with CONFIRM by the sweeper
 
     if top < 1:
         raise ConfigError("--top", top, "an integer >= 1 (how many of the best trials to rerun)")

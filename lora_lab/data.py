@@ -17,7 +17,8 @@ from transformers import (
 )
 
 from lora_lab.chat import Chat, assistant_tokens, generation_prompts, resolve_template
-from lora_lab.config import ConfigError, TaskConfig
+from lora_lab.config import TaskConfig
+from lora_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

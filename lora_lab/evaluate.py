@@ -16,7 +16,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_lab.config import ConfigError, HarnessConfig, check_harness, exit_on_config_error
+from lora_lab.config import HarnessConfig
+from lora_lab.errors import ConfigError, exit_on_config_error
+from lora_lab.validate import check_harness
 
 
 def harness_settings(run_dir: Path, overrides: list[str]) -> HarnessConfig:

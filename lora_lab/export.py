@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from lora_lab.config import exit_on_config_error
+from lora_lab.errors import exit_on_config_error
 from lora_lab.loftq import dequantized_weight
 from lora_lab.models import is_conv1d, resolve_compute_dtype
 from lora_lab.runs import load_run

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lora_lab.chat import Chat, resolve_template, user_prompts
-from lora_lab.config import exit_on_config_error
+from lora_lab.errors import exit_on_config_error
 from lora_lab.metrics import generate_responses
 from lora_lab.runs import load_run
 

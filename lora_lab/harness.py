@@ -19,7 +19,8 @@ import random
 import numpy as np
 import torch
 
-from lora_lab.config import ConfigError, HarnessConfig
+from lora_lab.config import HarnessConfig
+from lora_lab.errors import ConfigError
 
 log = logging.getLogger("lora_lab")
 # Draws for the standard error of metrics without a closed form (BLEU, F1, ...): lm-eval's CLI

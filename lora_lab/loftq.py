@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
-from lora_lab.config import AdapterConfig, ConfigError, QuantConfig
+from lora_lab.config import AdapterConfig, QuantConfig
+from lora_lab.errors import ConfigError
 from lora_lab.models import CheckpointReader, cache_dir, model_dir
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ torch or any model is loaded. The metrics themselves are computed in lora_lab/me
 
 from __future__ import annotations
 
-from lora_lab.config import ConfigError, HarnessConfig
+from lora_lab.config import HarnessConfig
+from lora_lab.errors import ConfigError
 
 DERIVED_METRICS = ("perplexity",)
 FINAL_METRICS = ("exact_match",)

@@ -26,7 +26,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from lora_lab.config import ConfigError, ModelConfig, QuantConfig, TinyModelConfig
+from lora_lab.config import ModelConfig, QuantConfig, TinyModelConfig
+from lora_lab.errors import ConfigError
 from lora_lab.structure import block_parts, blocks, is_adaptable, is_quantized
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from lora_lab import stats
 from lora_lab.adapters import lora_config
-from lora_lab.config import ConfigError, RunConfig, validate
-from lora_lab.confirm import CONFIRM
+from lora_lab.commands import CONFIRM
+from lora_lab.config import RunConfig
+from lora_lab.errors import ConfigError
 from lora_lab.models import build_tiny_model
+from lora_lab.validate import validate
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 # metrics.json keys reported for every trial, and their Markdown headers (which name the unit).

@@ -8,10 +8,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from peft import PeftModel
 
-from lora_lab.config import ConfigError, RunConfig, validate
+from lora_lab.config import RunConfig
+from lora_lab.errors import ConfigError
 from lora_lab.loftq import loftq_recipe, prepare_quantized_adapter
 from lora_lab.models import load_model, resolve_device
 from lora_lab.tasks import read_record
+from lora_lab.validate import validate
 
 
 def _as_launched(cfg, hydra_yaml: Path):

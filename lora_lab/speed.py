@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_utils import unwrap_peft_model
 
-from lora_lab.config import ConfigError
 from lora_lab.data import IGNORE_INDEX, batch_to
+from lora_lab.errors import ConfigError
 
 # Architectures whose training logits are exactly lm_head(decoder output): no soft-capping or
 # logit scaling that a fused loss would skip.

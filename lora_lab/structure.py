@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from lora_lab.config import ConfigError
+from lora_lab.errors import ConfigError
 
-# A block's attention is the submodule so named (self_attn, attn, attention, self_attention); the
 # rest of the block (mlp, feed_forward, OPT's fc1/fc2, BERT's intermediate/output) is its MLP.
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 # MoE routers (Mixtral's gate, Qwen2-MoE's shared_expert_gate, Granite-MoE's router.layer): fine-tuning

@@ -19,9 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lora_lab.config import ConfigError, validate
+from lora_lab.errors import ConfigError
 from lora_lab.interrupts import Interrupted, raise_on_interrupt
 from lora_lab.metric_names import check_metric_names, objective_names
+from lora_lab.validate import validate
 
 log = logging.getLogger("lora_lab")
 OOM_ADVICE = (

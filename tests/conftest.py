@@ -64,8 +64,8 @@ def compose(overrides: list[str]):
 
 def train_run(overrides: list[str], run_dir: Path) -> dict:
     """A real training run, in-process, on the composed config, the overrides as its command line."""
-    from lora_lab.config import validate
     from lora_lab.pipeline import train
+    from lora_lab.validate import validate
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return train(validate(compose(overrides), overrides), run_dir)
@@ -200,11 +200,11 @@ def postgres_url():
 def exact_match_before_and_after(overrides: list[str], run_dir: Path) -> tuple[float, dict]:
     """A chat run's exact match of the untrained base model (scored as the run scores, stopping at
     its template's end-of-turn tokens), and the metrics of the run trained on `overrides`."""
-    from lora_lab.config import validate
     from lora_lab.data import build_task_data
     from lora_lab.metrics import ExactMatchScorer
     from lora_lab.models import load_model
     from lora_lab.tasks import load_rows
+    from lora_lab.validate import validate
 
     run = validate(compose(overrides), overrides)
     model, tokenizer = load_model(run.model, run.quant, [], "cpu")

@@ -91,8 +91,8 @@ def test_a_classifier_head_on_a_bf16_base_trains_in_fp32(tmp_path):
     from conftest import compose, train_run
 
     from lora_lab.adapters import attach_adapter
-    from lora_lab.config import validate
     from lora_lab.models import load_model
+    from lora_lab.validate import validate
 
     overrides = ["task=sentiment", "quant.compute_dtype=bfloat16"]
     run = validate(compose(overrides))
@@ -147,7 +147,7 @@ def test_adapter_layers_select_blocks_with_every_linear_layer_of_them(layers, ex
 
 
 def test_adapter_layers_out_of_range_are_refused():
-    from lora_lab.config import ConfigError
+    from lora_lab.errors import ConfigError
 
     with pytest.raises(
         ConfigError, match=r"adapter.layers=\[8\] is invalid: block indices of this model are 0 to 7"

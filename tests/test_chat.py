@@ -10,9 +10,10 @@ import torch
 from conftest import compose, exact_match_before_and_after, train_run
 from tokenizers import processors
 
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data
+from lora_lab.errors import ConfigError
 from lora_lab.models import byte_level_tokenizer, load_model
+from lora_lab.validate import validate
 
 # Written here, not taken from lora_lab: the masks are checked against templates lora_lab never saw.
 CHATML = (

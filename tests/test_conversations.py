@@ -14,10 +14,11 @@ from test_chat import chat_tokenizer
 from test_templates import CATALOGUE, MARKERS, TEMPLATES, tokenizer_for
 from transformers import AutoTokenizer
 
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data
+from lora_lab.errors import ConfigError
 from lora_lab.models import byte_level_tokenizer, model_dir
 from lora_lab.tasks import load_rows
+from lora_lab.validate import validate
 
 # A ChatML-like template with tools, in the tiny tokenizer's own tokens (<s>role\n...</s>), its
 # assistant output marked for transformers' assistant mask.

@@ -17,7 +17,8 @@ from tokenizers import processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lora_lab.adapters import lora_config
-from lora_lab.config import AdapterConfig, ConfigError
+from lora_lab.config import AdapterConfig
+from lora_lab.errors import ConfigError
 from lora_lab.models import byte_level_tokenizer
 
 SIZES = {

@@ -15,10 +15,11 @@ from conftest import cli, compose, read_metrics, train_run
 from sklearn.metrics import accuracy_score, f1_score
 from test_lifecycle import with_config
 
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import TOKENIZERS
+from lora_lab.errors import ConfigError
 from lora_lab.models import byte_level_tokenizer
 from lora_lab.tasks import DATA_RECORD, load_rows, load_task, read_record
+from lora_lab.validate import validate
 
 # Text that a CSV reader left to itself would turn into numbers or missing values.
 SFT_ROWS = [

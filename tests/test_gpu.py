@@ -52,9 +52,9 @@ def test_liger_gives_the_plain_loss_and_patches_only_its_own_model(random_llama)
     from transformers.models.llama import modeling_llama
 
     from lora_lab.adapters import attach_adapter
-    from lora_lab.config import validate
     from lora_lab.models import load_model
     from lora_lab.speed import apply_speed_switches
+    from lora_lab.validate import validate
 
     originals = dict(vars(modeling_llama))
     run = validate(compose([f"model.name_or_path={random_llama}", "adapter.dropout=0"]))
@@ -134,10 +134,10 @@ def test_automatic_checkpointing_turns_on_only_when_a_step_would_not_fit(random_
     from conftest import compose
 
     from lora_lab.adapters import attach_adapter
-    from lora_lab.config import validate
     from lora_lab.data import build_task_data, longest_batch
     from lora_lab.models import load_model
     from lora_lab.speed import checkpointing_needed
+    from lora_lab.validate import validate
 
     run = validate(compose([f"model.name_or_path={random_llama}"]))
     model, tokenizer = load_model(run.model, run.quant, [], "cuda")

@@ -15,9 +15,10 @@ from conftest import ROOT, cli, compose, read_metrics, start_cli, train_run
 from safetensors.torch import load_file
 from test_loftq import gpt2_overrides, save_tiny_gpt2
 
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, tokenize_sft
+from lora_lab.errors import ConfigError
 from lora_lab.tasks import load_rows
+from lora_lab.validate import validate
 
 SMALL = ["train.eval_on_start=false", "task.max_eval_samples=32", "task.metrics=[token_accuracy]"]
 

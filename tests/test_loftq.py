@@ -14,7 +14,6 @@ from conftest import compose, train_run
 from safetensors.torch import load_file
 
 from lora_lab.adapters import attach_adapter
-from lora_lab.config import validate
 from lora_lab.loftq import (
     QuantSpec,
     adapted_4bit_layers,
@@ -24,6 +23,7 @@ from lora_lab.loftq import (
     randomized_svd,
 )
 from lora_lab.models import CheckpointReader, byte_level_tokenizer, load_model, model_dir
+from lora_lab.validate import validate
 
 
 def minilm_path() -> str:

@@ -17,14 +17,15 @@ from peft import PeftModel
 from sklearn.metrics import f1_score
 from transformers import EvalPrediction
 
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data
+from lora_lab.errors import ConfigError
 from lora_lab.metric_names import check_metric_names
 from lora_lab.metrics import ExactMatchScorer, step_metrics_fn
 from lora_lab.models import byte_level_tokenizer, load_model
 from lora_lab.pipeline import train
 from lora_lab.pruning import pruning_callback
 from lora_lab.tasks import load_rows
+from lora_lab.validate import validate
 
 
 def trained_model(overrides: list[str], run_dir):

@@ -15,11 +15,12 @@ from tokenizers import Tokenizer, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast, set_seed
 
 from lora_lab.adapters import attach_adapter
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, build_task_data, tokenize_sft
+from lora_lab.errors import ConfigError
 from lora_lab.models import load_model
 from lora_lab.tasks import load_rows
 from lora_lab.trainer import build_trainer, training_arguments
+from lora_lab.validate import validate
 
 GLOBAL_BATCH = 8
 

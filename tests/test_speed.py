@@ -10,7 +10,7 @@ import torch
 from conftest import SMALL_EVAL, cli, compose, train_run
 
 from lora_lab.adapters import attach_adapter
-from lora_lab.config import AdapterConfig, ConfigError, validate
+from lora_lab.config import AdapterConfig
 from lora_lab.data import (
     IGNORE_INDEX,
     RowPackingCollator,
@@ -20,9 +20,11 @@ from lora_lab.data import (
     longest_batch,
     real_tokens,
 )
+from lora_lab.errors import ConfigError
 from lora_lab.models import load_model
 from lora_lab.speed import MIN_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES, fuse_causal_lm_loss, use_fused_loss
 from lora_lab.tasks import load_rows
+from lora_lab.validate import validate
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients():

@@ -514,7 +514,7 @@ def test_workers_starting_one_study_together_all_pass_its_identity_check(postgre
     import psycopg
 
     from hydra_plugins.lora_lab_sweeper._impl import IDENTITY_ATTR, check_identity
-    from lora_lab.config import ConfigError
+    from lora_lab.errors import ConfigError
 
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         connection.execute("CREATE DATABASE identity_race")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from conftest import CONF_DIR, compose, train_run, write_jsonl
 
-from lora_lab.config import ConfigError, validate
 from lora_lab.data import IGNORE_INDEX, tokenize_lm, tokenize_sft
+from lora_lab.errors import ConfigError
 from lora_lab.metric_names import check_metric_names
 from lora_lab.metrics import exact_match
 from lora_lab.models import byte_level_tokenizer
 from lora_lab.tasks import format_row, load_rows
+from lora_lab.validate import validate
 
 
 def task(name: str, *overrides: str):

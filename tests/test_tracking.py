@@ -133,8 +133,8 @@ def test_config_id_is_shared_by_the_seeds_of_one_configuration_only():
 
     from conftest import compose
 
-    from lora_lab.config import validate
     from lora_lab.tracking import config_id
+    from lora_lab.validate import validate
 
     def run_id(*overrides):
         return config_id(asdict(validate(compose(list(overrides)))))

@@ -9,8 +9,8 @@ import torch
 from conftest import FAST, cli, compose, read_metrics, train_run
 from peft import PeftModel
 
-from lora_lab.config import validate
 from lora_lab.models import load_model
+from lora_lab.validate import validate
 
 
 def test_default_run_learns_and_writes_outputs(tmp_path):

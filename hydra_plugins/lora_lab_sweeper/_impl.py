@@ -32,8 +32,8 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from lora_lab import stats
-from lora_lab.config import ConfigError
-from lora_lab.confirm import CONFIRM, key_of, quote
+from lora_lab.commands import CONFIRM, key_of, quote
+from lora_lab.errors import ConfigError
 from lora_lab.interrupts import Interrupted, raise_on_interrupt
 
 log = logging.getLogger(__name__)

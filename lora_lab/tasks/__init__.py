@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lora_lab.config import ROW_SHAPE_FORMATS, ConfigError, TaskConfig
+from lora_lab.config import ROW_SHAPE_FORMATS, TaskConfig
+from lora_lab.errors import ConfigError
 from lora_lab.tasks.builtin import BUILTIN_TASKS
 from lora_lab.tasks.files import digest, read_rows
 from lora_lab.tasks.hub import TEMPLATES, alpaca

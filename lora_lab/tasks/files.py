@@ -8,9 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from lora_lab.config import ConfigError
+from lora_lab.errors import ConfigError
 
-# File suffix: the `datasets` builder that reads it, and its arguments.
 BUILDERS = {
     ".jsonl": ("json", {}),
     ".json": ("json", {}),

@@ -283,10 +283,11 @@ def check_quantized(model: PreTrainedModel, quant_name: str) -> None:
     quantized = left = 0
     kept = set()
     for block in stack:
+        experts = {e.rsplit(".", 1)[0] for e in block_parts(block).experts}  # their modules' paths
         for name, module in block.named_modules():
             if is_quantized(module):
                 quantized += module.weight.numel() * (2 if module.weight.dtype == torch.uint8 else 1)
-            elif is_adaptable(module) or name in {e.rsplit(".", 1)[0] for e in block_parts(block).experts}:
+            elif is_adaptable(module) or name in experts:
                 left += sum(p.numel() for p in module.parameters(recurse=False) if p.ndim >= 2)
                 kept.add(f"{name} ({type(module).__name__})")
     if not quantized:

@@ -20,9 +20,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lora_lab import report
 from lora_lab.commands import key_of, quote
 from lora_lab.errors import ConfigError, exit_on_config_error
+from lora_lab.report import report
+from lora_lab.report.sources import ReportError, load_source
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SEED = "train.seed"
@@ -120,8 +121,8 @@ def confirm(target: str, study_name: str | None, top: int, n_seeds: int) -> Path
             "--seeds", n_seeds, "an integer >= 2 (runs per configuration, to measure the noise)"
         )
     try:
-        jobs, study, _, _ = report.load_source(target, study_name)
-    except report.ReportError as e:
+        jobs, study, _, _ = load_source(target, study_name)
+    except ReportError as e:
         raise ConfigError(
             "target", target, f"a finished study's sweep dir, or its storage URL ({e})"
         ) from None
@@ -148,7 +149,7 @@ def confirm(target: str, study_name: str | None, top: int, n_seeds: int) -> Path
         args += [f"hydra.sweep.subdir=trial{trial.number}_seed${{{SEED}}}"]
         if subprocess.run(args, cwd=cwd).returncode != 0:
             failed.append(trial.number)
-    report.report(str(out), None, None)
+    report(str(out), None, None)
     if failed:
         print(
             f"error: a run of trial(s) {', '.join(map(str, failed))} failed (see its log in {out})",

@@ -3,7 +3,9 @@ line and the shell's status for the signal (130, 143), not a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 
 class Interrupted(BaseException):
@@ -24,3 +26,16 @@ def raise_on_interrupt() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def interrupts_raised() -> Iterator[None]:
+    """raise_on_interrupt() for the block, the handlers found before it restored after it: a sweep
+    that runs inside an app's process (twice, say) leaves that process as it found it."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    raise_on_interrupt()
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

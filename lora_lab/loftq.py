@@ -283,7 +283,9 @@ def loftq_initialise(
         inits = _load(path, device)
     else:
         inits = {}
-        for name, layer in tqdm(layers.items(), desc=f"LoftQ r={rank} x{iterations}", unit="layer"):
+        # disable=None: a bar on a terminal only.
+        bar = {"desc": f"LoftQ r={rank} x{iterations}", "unit": "layer", "disable": None}
+        for name, layer in tqdm(layers.items(), **bar):
             dtype = layer.base_layer.weight.quant_state.dtype
             weight = checkpoint.weight(name, layer.base_layer).to(device=device, dtype=dtype)
             inits[name] = loftq_layer(weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd)

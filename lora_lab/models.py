@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as transformers_logging
 
 from lora_lab.config import ModelConfig, QuantConfig, TinyModelConfig
 from lora_lab.errors import ConfigError
@@ -208,10 +210,18 @@ class CheckpointReader:
         raise KeyError(f"{key} is not in the checkpoint")
 
 
+def progress_bars_on_terminals_only() -> None:
+    """transformers draws its "Loading weights" and "Writing model shards" bars into whatever stderr
+    is: in a log file, a Slurm job or a sweep's trial each redraw is one more line."""
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+
+
 def load_model(
     model_cfg: ModelConfig, quant: QuantConfig, labels: list[str], device: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load tokenizer and base model (quantized if asked) onto `device`, frozen, ready for an adapter."""
+    progress_bars_on_terminals_only()  # for this process's later saves too
     path = str(model_dir(model_cfg))
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     kwargs = {

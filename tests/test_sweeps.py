@@ -191,7 +191,7 @@ def test_parallel_trials_with_the_submitit_launcher(tmp_path):
 
 
 def _open_study_at_once(barrier, storage: str, study_name: str) -> None:
-    from hydra_plugins.lora_lab_sweeper._impl import create_or_load_study
+    from hydra_plugins.lora_lab_sweeper._storage import create_or_load_study
 
     barrier.wait()
     create_or_load_study(study_name=study_name, storage=storage, directions=["minimize"])
@@ -501,7 +501,8 @@ IDENTITY = {"optimized_metric": "eval/loss", "hydra.sweeper.direction": "minimiz
 
 
 def _check_identity_at_once(barrier, storage: str, identity: dict) -> None:
-    from hydra_plugins.lora_lab_sweeper._impl import check_identity, create_or_load_study
+    from hydra_plugins.lora_lab_sweeper._identity import check_identity
+    from hydra_plugins.lora_lab_sweeper._storage import create_or_load_study
 
     barrier.wait()
     study = create_or_load_study(study_name="shared", storage=storage, directions=["minimize"])
@@ -513,7 +514,7 @@ def test_workers_starting_one_study_together_all_pass_its_identity_check(postgre
     must go on; a worker with other settings is refused afterwards."""
     import psycopg
 
-    from hydra_plugins.lora_lab_sweeper._impl import IDENTITY_ATTR, check_identity
+    from hydra_plugins.lora_lab_sweeper._identity import IDENTITY_ATTR, check_identity
     from lora_lab.errors import ConfigError
 
     with psycopg.connect(postgres_url, autocommit=True) as connection:

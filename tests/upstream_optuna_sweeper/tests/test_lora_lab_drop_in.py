@@ -4,9 +4,13 @@ test cannot run on this hydra-core (xfail there), runs under lora_lab_optuna wit
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.test_utils.test_utils import run_process
@@ -64,4 +68,41 @@ def test_custom_search_space_example(tmp_path: Path) -> None:
     assert returns.name == "optuna"
     assert abs(returns["best_params"]["x"] - returns["best_params"]["z"]) <= max_z_difference_from_x
     assert 0 <= returns["best_params"]["+w"] <= 1
-    assert (tmp_path / "study_summary.yaml").is_file()  # written by lora_lab_optuna, not the stock sweeper
+    # Written by lora_lab_optuna, not the stock sweeper: its best command runs as printed, `+w` kept.
+    best_command = OmegaConf.load(tmp_path / "study_summary.yaml").best_command
+    assert " +w=" in best_command
+    program, *overrides = best_command.removeprefix("python ").split()
+    rerun = subprocess.run(
+        [sys.executable, program, *overrides, f"hydra.run.dir={tmp_path / 'rerun'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+
+def test_sweeps_in_one_process_leave_it_as_they_found_it(hydra_sweep_runner: Any, tmp_path: Path) -> None:
+    """An app may sweep twice in one process: the second sweep resumes the first one's study in the
+    same sweep dir (whose lock the first released), and afterwards the signal handlers and Optuna's
+    log level are those found before."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    verbosity = optuna.logging.get_verbosity()
+
+    def sweep(n_trials: int) -> Any:
+        return hydra_sweep_runner(
+            calling_file=None,
+            calling_module="hydra.test_utils.a_module",
+            config_path="configs",
+            config_name="compose.yaml",
+            task_function=lambda cfg: 1.0,
+            overrides=[
+                "hydra/sweeper=lora_lab_optuna",
+                "hydra/launcher=basic",
+                f"hydra.sweeper.n_trials={n_trials}",
+            ],
+        )
+
+    with sweep(2), sweep(3):  # each runs as it is entered; the runner removes the sweep dir at exit
+        study = optuna.load_study(study_name="a_module", storage=f"sqlite:///{tmp_path}/None/optuna.db")
+        assert len(study.trials) == 5
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+    assert optuna.logging.get_verbosity() == verbosity

@@ -37,6 +37,8 @@ ROW_SHAPE_FORMATS = {
 METRIC_DIRECTIONS = ("maximize", "minimize")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# Several processes (torchrun / accelerate): a full copy of the model per rank, or FSDP2 shards.
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -178,6 +180,9 @@ class TrainConfig:
     # plain output head: auto = on unless liger is on (liger fuses the loss itself).
     fused_loss: Any = "auto"
     compile: bool = False  # torch.compile the model
+    # Under torchrun / accelerate: ddp (every rank holds the whole model) or fsdp (FSDP2: each
+    # transformer block and the root sharded across the ranks, the adapter and its optimizer state too).
+    distributed: str = "ddp"
 
 
 @dataclass

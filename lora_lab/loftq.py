@@ -216,6 +216,7 @@ def cache_key(
         "double_quant": double_quant,
         "blocksize": first.blocksize,
         "dtype": str(first.quant_state.dtype),
+        "storage": str(first.quant_storage),  # uint8, or the compute dtype under FSDP
         "rank": rank,
         "iterations": iterations,
         "svd": svd,

@@ -138,7 +138,11 @@ def build_tiny_model(tiny: TinyModelConfig) -> Path:
     return target
 
 
-def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(
+    quant: QuantConfig, compute_dtype: torch.dtype, sharded: bool = False
+) -> BitsAndBytesConfig | None:
+    """bitsandbytes' settings. A `sharded` (FSDP) base stores its packed 4-bit weights as the compute
+    dtype, as FSDP splits only floating-point tensors, and all of them in one dtype."""
     if quant.name == "none":
         return None
     if quant.name == "int8":
@@ -148,6 +152,7 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype) -> BitsA
         bnb_4bit_quant_type=quant.name,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         llm_int8_skip_modules=HEAD_MODULES,
     )
 
@@ -217,18 +222,28 @@ def progress_bars_on_terminals_only() -> None:
         transformers_logging.disable_progress_bar()
 
 
+def load_device(device: str, to_shard: bool) -> str | int:
+    """Where the base loads. Under torchrun / accelerate each process loads its copy onto its own
+    (current) GPU; a full-precision base to be sharded loads into CPU memory instead, and each block's
+    shards reach the GPU as FSDP splits it (a whole base may not fit one GPU; 4-bit bases quantize
+    on the GPU as they load)."""
+    if to_shard:
+        return "cpu"
+    return torch.cuda.current_device() if device == "cuda" else device
+
+
 def load_model(
-    model_cfg: ModelConfig, quant: QuantConfig, labels: list[str], device: str
+    model_cfg: ModelConfig, quant: QuantConfig, labels: list[str], device: str, sharded: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load tokenizer and base model (quantized if asked) onto `device`, frozen, ready for an adapter."""
+    """Load tokenizer and base model (quantized if asked) onto `device`, frozen, ready for an adapter;
+    `sharded`: to be sharded with FSDP (lora_lab.sharding)."""
     progress_bars_on_terminals_only()  # for this process's later saves too
     path = str(model_dir(model_cfg))
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     kwargs = {
         "dtype": compute_dtype,
-        "quantization_config": quantization_config(quant, compute_dtype),
-        # Under torchrun / accelerate each process loads its copy onto its own (current) GPU.
-        "device_map": {"": torch.cuda.current_device() if device == "cuda" else device},
+        "quantization_config": quantization_config(quant, compute_dtype, sharded),
+        "device_map": {"": load_device(device, sharded and quant.name == "none")},
         "trust_remote_code": model_cfg.trust_remote_code,
         "attn_implementation": model_cfg.attn_implementation,
     }

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 
 from lora_lab.adapters import attach_adapter, load_adapter
@@ -33,6 +34,7 @@ from lora_lab.metrics import (
 )
 from lora_lab.models import load_model, resolve_compute_dtype, resolve_device
 from lora_lab.pruning import load_trial, pruning_callback
+from lora_lab.sharding import base_param_bytes, full_adapter_state, is_sharded, shard
 from lora_lab.speed import apply_speed_switches, checkpointing_needed
 from lora_lab.tasks import DATA_RECORD, TaskRows, load_task, read_record
 from lora_lab.tracking import DiagnosticsCallback, tracking
@@ -131,7 +133,9 @@ class Backbone:
 
 def setup_model(run: RunConfig, device: str, tracker):
     """The base model with its adapter (new, or adapter.init_from), on LoftQ's backbone where it runs."""
-    model, tokenizer = load_model(run.model, run.quant, run.task.labels, device)
+    model, tokenizer = load_model(
+        run.model, run.quant, run.task.labels, device, sharded=run.train.distributed == "fsdp"
+    )
     if run.adapter.init_from is not None:
         model = load_adapter(model, run.adapter.init_from, run.model.kind, trainable=run.train.max_steps != 0)
     else:
@@ -196,7 +200,10 @@ def setup_fit(
     compute_dtype = resolve_compute_dtype(run.quant.compute_dtype, device)
     measured = Measurements()
     callbacks = [MeasureCallback(measured), DivergenceGuard(), CheckpointCompletion()]
-    if tracker.active:  # the diagnostics dequantize every adapted layer: only for a tracker
+    fsdp = train_cfg.distributed == "fsdp"
+    if tracker.active and fsdp:  # rank 0, which tracks, holds only its part of each layer
+        log.info("LoRA diagnostics: not computed under train.distributed=fsdp")
+    elif tracker.active:  # the diagnostics dequantize every adapted layer: only for a tracker
         callbacks.append(DiagnosticsCallback(tracker, model))
     score_exact_match = ExactMatchScorer(
         tokenizer,
@@ -213,7 +220,9 @@ def setup_fit(
         callbacks += [pruning] if pruning is not None else []
     kernels = apply_speed_switches(model, train_cfg.liger, train_cfg.fused_loss, run.model.kind, device)
     checkpointing = train_cfg.gradient_checkpointing
-    if checkpointing == "auto":
+    if checkpointing == "auto" and fsdp:  # the probe would step the whole model on one GPU
+        checkpointing = device == "cuda"
+    elif checkpointing == "auto":
         batch = longest_batch(data, train_cfg.batch_size)
         checkpointing = checkpointing_needed(model, batch, device, compute_dtype)
     log.info(
@@ -227,9 +236,11 @@ def setup_fit(
         device,
         compute_dtype,
         tracker.report_to,
-        checkpointing,
+        checkpointing and not fsdp,  # under FSDP by its own wrapper, in shard
         resuming=checkpoint is not None,
     )
+    if fsdp:  # after the arguments, which start the process group
+        shard(model, device, compute_dtype, checkpointing)
     trainer = build_trainer(
         model,
         tokenizer,
@@ -277,6 +288,10 @@ def evaluate(
 def measurements(fit: Fit, model, peak_gib: float, started: float) -> dict[str, float]:
     """Parameters, steps, tokens, speed, memory and time, and what the automatic switches decided."""
     trainable, total = model.get_nb_trainable_parameters()
+    # the rank holding the most: under FSDP about 1/world size of the base, else all of it
+    held = fit.trainer.accelerator.gather(
+        torch.tensor([base_param_bytes(model)], device=fit.trainer.args.device)
+    )
     return {
         "params/trainable": trainable,
         "params/total": total,
@@ -289,6 +304,7 @@ def measurements(fit: Fit, model, peak_gib: float, started: float) -> dict[str, 
         "train/fused_loss": float(fit.kernels["fused_loss"]),
         "speed/tokens_per_second": fit.measurements.tokens_per_second,
         "memory/peak_gib": peak_gib,
+        "memory/base_param_bytes_per_rank": int(held.max()),
         "time/train_seconds": fit.measurements.train_seconds,
         "time/wall_seconds": time.perf_counter() - started,
     }
@@ -297,11 +313,13 @@ def measurements(fit: Fit, model, peak_gib: float, started: float) -> dict[str, 
 def write_results(run_dir: Path, tracker, trainer, model, metrics: dict, backbone: Backbone) -> None:
     """The tracker's summary and LoRA diagnostics, the outputs (rank 0 only), the eval line."""
     if tracker.active:
-        diagnostics = lora_diagnostics(model)
+        diagnostics = [] if is_sharded(model) else lora_diagnostics(model)
         tracker.log_table("lora_diagnostics", diagnostics)
         tracker.summarise({**metrics, **summarise_diagnostics(diagnostics)})
-    if trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 writes
-        write_outputs(run_dir, model, metrics, backbone.quant_errors, backbone.loftq)
+    # under FSDP every rank gathers its shards of the adapter; only rank 0 writes
+    adapter_state = full_adapter_state(model) if is_sharded(model) else None
+    if trainer.is_world_process_zero():
+        write_outputs(run_dir, model, metrics, backbone.quant_errors, backbone.loftq, adapter_state)
     log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")))
 
 
@@ -322,13 +340,19 @@ def resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
 
 
 def write_outputs(
-    run_dir: Path, model, metrics: dict, quant_errors: list[dict] | None, loftq: LoftQRecipe | None
+    run_dir: Path,
+    model,
+    metrics: dict,
+    quant_errors: list[dict] | None,
+    loftq: LoftQRecipe | None,
+    adapter_state: dict | None = None,
 ) -> None:
     """Write each output under a temporary name, then rename: a crash leaves nothing half-written.
-    A LoftQ adapter carries the recipe of its backbone."""
+    A LoftQ adapter carries the recipe of its backbone. `adapter_state`: a sharded model's adapter,
+    gathered whole (None: the model's own parameters)."""
     staging = run_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=adapter_state)
     if loftq is not None:
         loftq.save(staging)
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)

@@ -15,10 +15,12 @@ import torch
 from peft.optimizers import create_loraplus_optimizer
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import SCHEDULER_NAME
 
 from lora_lab.config import TrainConfig
 from lora_lab.data import IGNORE_INDEX, TaskData, real_tokens
 from lora_lab.metrics import argmax_logits
+from lora_lab.sharding import full_adapter_state, is_sharded, load_sharded_state, save_sharded_state
 
 
 @dataclass
@@ -237,6 +239,7 @@ class AdapterTrainer(Trainer):
       model itself normalises by the global token count (causal LMs do, given num_items_in_batch;
       classifiers ignore it, and the Trainer then multiplied their loss by grad_accum and, under DDP,
       by the world size).
+    A model sharded by lora_lab.sharding saves and loads its checkpoints in parts, one per rank.
     """
 
     def __init__(self, *args, causal_lm: bool, **kwargs):
@@ -245,6 +248,35 @@ class AdapterTrainer(Trainer):
         # The Trainer assumes any model whose forward takes **kwargs normalises by num_items_in_batch.
         self.model_accepts_loss_kwargs = causal_lm
         self._eval_loss_sum = self._eval_loss_count = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A sharded model's adapter gathered whole (every rank takes part), written by rank 0 as a
+        plain PEFT adapter."""
+        if not is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        state = full_adapter_state(self.model)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not is_sharded(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_sharded_state(self.model, self.optimizer.optimizer, Path(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not is_sharded(self.model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # a sharded adapter loads with the optimizer state, in _load_optimizer_and_scheduler
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not is_sharded(self.model):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_sharded_state(self.model, self.optimizer.optimizer, Path(checkpoint))
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         tokens = real_tokens(inputs, self.processing_class.pad_token_id).to(self.args.device)

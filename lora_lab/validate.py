@@ -19,6 +19,7 @@ from lora_lab.chat import check_chat_options
 from lora_lab.config import (
     COMPUTE_DTYPES,
     DEVICES,
+    DISTRIBUTED,
     INITS,
     LAYER_PRESETS,
     METRIC_DIRECTIONS,
@@ -128,7 +129,7 @@ def validate(cfg: DictConfig, command_line: list[str] | None = None) -> RunConfi
     check_adapter(run.adapter, run.quant)
     check_quant(run.quant)
     check_task(run.task)
-    check_train(run.train, run.adapter)
+    check_train(run.train, run.adapter, run.quant)
     check_logger(run.logger)
     check_harness(run.harness, run.model.kind)
     return run
@@ -240,8 +241,9 @@ def check_task(t: TaskConfig) -> None:
         raise ConfigError("task.max_length", t.max_length, "must be >= 8 tokens")
 
 
-def check_train(tr: TrainConfig, a: AdapterConfig) -> None:
-    """train.*; max_steps=0 (evaluate only) needs adapter.init_from."""
+def check_train(tr: TrainConfig, a: AdapterConfig, q: QuantConfig) -> None:
+    """train.*; max_steps=0 (evaluate only) needs adapter.init_from; FSDP needs several processes
+    and a base it can shard."""
     _positive("train.lr", tr.lr)
     if tr.max_steps < -1 or (tr.max_steps == 0 and a.init_from is None):
         raise ConfigError(
@@ -276,6 +278,30 @@ def check_train(tr: TrainConfig, a: AdapterConfig) -> None:
     for key in ("gradient_checkpointing", "liger", "fused_loss"):
         if getattr(tr, key) not in (True, False, "auto"):
             raise ConfigError(f"train.{key}", getattr(tr, key), "auto, true or false")
+    _choice("train.distributed", tr.distributed, DISTRIBUTED)
+    if tr.distributed == "fsdp":
+        check_sharded(q.name)
+
+
+def check_sharded(quant_name: str) -> None:
+    """train.distributed=fsdp: shards need processes to go to (torchrun, accelerate or Slurm tasks
+    set WORLD_SIZE); bitsandbytes' 8-bit weights are int8 tensors whose scales live beside them, which
+    FSDP cannot split (4-bit ones are stored as the compute dtype for it, models.quantization_config)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        raise ConfigError(
+            "train.distributed",
+            "fsdp",
+            f"FSDP shards the model across processes and this run is one (WORLD_SIZE={world_size}): "
+            "launch it with torchrun --nproc_per_node N (N >= 2), or use train.distributed=ddp",
+        )
+    if quant_name == "int8":
+        raise ConfigError(
+            "quant",
+            quant_name,
+            "train.distributed=fsdp shards 4-bit and full-precision bases: quant=nf4, fp4 or none "
+            "(or train.distributed=ddp for int8)",
+        )
 
 
 def check_logger(logger: LoggerConfig) -> None:

@@ -1,0 +1,113 @@
+"""Sharded training (train.distributed=fsdp): FSDP2's `fully_shard` on each transformer block and on
+the root, so that each rank holds 1/N of the base, of the adapter and of its optimizer state; the
+sharded checkpoint (each rank its part, through torch.distributed.checkpoint); the adapter gathered
+whole to be saved as a plain PEFT adapter; and what each rank holds of the base.
+
+The model is sharded here rather than by accelerate's FSDP plugin: accelerate turns FSDP on only for
+GPU-like devices, and one path, the same on CPU (gloo) and GPU, is one path tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from lora_lab.errors import ConfigError
+from lora_lab.structure import blocks
+
+# A checkpoint's folder of the ranks' parts of the adapter's and the optimizer's state.
+SHARDED_STATE = "sharded_state"
+# The checkpoint holds what training changes: the frozen base is the base model's files.
+_TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+
+
+def block_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's transformer blocks, the units FSDP shards."""
+    try:
+        return blocks(model)[1]
+    except ConfigError as e:
+        raise ConfigError(
+            "train.distributed",
+            "fsdp",
+            f"FSDP shards the model block by block, and {e.valid}; use train.distributed=ddp",
+        ) from None
+
+
+def shard(model: torch.nn.Module, device: str, compute_dtype: torch.dtype, checkpointing: bool) -> None:
+    """Shard `model` in place over all processes: each block a unit, then the root (embeddings, final
+    norm, head). Parameters are gathered in the compute dtype; gradients are reduced in fp32. With
+    `checkpointing`, each block recomputes its activations through torch.distributed's composable
+    checkpoint, which FSDP2 composes with and which, unlike the checkpoint wrapper module, leaves
+    the parameters' names (and so the saved adapter's) as they are."""
+    stack = block_stack(model)
+    mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in stack:
+        if checkpointing:
+            checkpoint(block)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # generate (exact match) calls the inner model's forward, past the root's gathering hook
+    register_fsdp_forward_method(model, "generate")
+    # Already distributed: accelerate (under the Trainer) must not wrap it in DDP, which refuses
+    # sharded parameters. This is accelerate's own mark of a model it has prepared.
+    model._is_accelerate_prepared = True
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """The bytes this process holds of a tensor: its local shard of a DTensor."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def base_param_bytes(model: torch.nn.Module) -> int:
+    """The bytes of the frozen base weights on this process: under FSDP its shards, else all."""
+    for module in model.modules():
+        # after a forward the root keeps its parameters gathered (FSDP2's default for the root):
+        # resharded, as they are between steps
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)
+
+
+def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters, each gathered whole from the ranks' shards (PEFT's save_pretrained
+    picks the adapter's from them). Only the adapter is gathered, never
+    the base. A collective: every rank calls it."""
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Each rank writes its part of the adapter's and the optimizer's state. A collective."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint / SHARDED_STATE)
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Each rank reads its part of what `save_sharded_state` wrote, into the sharded model and
+    optimizer. A collective."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint / SHARDED_STATE)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        # the frozen base is left out on purpose; dcp.load has checked that every trained key was there
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )

@@ -2,6 +2,7 @@
 
     python -m lora_lab.bench train --shape llama-8b --quant nf4 --batch 4 --seq 2048
     python -m lora_lab.bench train --shape llama-1b --quant none --batch 8 --workload varlen
+    torchrun --nproc_per_node 8 -m lora_lab.bench train --shape llama-8b --quant nf4 --distributed fsdp
     python -m lora_lab.bench loftq --shape llama-8b --rank 16 --iters 1 5
 
 `train` runs, in one process on the same random-init model (real shapes, saved and loaded through
@@ -10,6 +11,10 @@ the real loading code, nothing downloaded), the plain HF + PEFT + bitsandbytes r
 fused AdamW) and lora_lab's training step, and reports tokens/s, peak memory, MFU and the ratio.
 `--workload varlen` draws example lengths from a long-tailed distribution and compares padded
 batches with lora_lab's padding-free packing.
+
+`train --distributed fsdp`, under `torchrun --nproc_per_node N`, shards lora_lab's model over the N
+processes as train.distributed=fsdp does (lora_lab/sharding.py) and reports the busiest rank's peak
+memory and base bytes, and the tokens/s of all ranks together.
 
 `loftq` times LoftQ initialisation of every adapted matrix of a model shape (random weights made
 on the device, nothing downloaded) with lora_lab's randomized and exact SVD, and PEFT's
@@ -20,17 +25,23 @@ full 8B model takes PEFT about 24 minutes), and reports the relative error ||W -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import platform
+import tempfile
 import time
 from datetime import date
 
 import torch
+import torch.distributed as dist
 
 from lora_lab.data import batch_collator, batch_to, skips_cross_example_attention
-from lora_lab.errors import exit_on_config_error
+from lora_lab.errors import ConfigError, exit_on_config_error
 from lora_lab.loftq import QuantSpec, loftq_layer
+from lora_lab.models import resolve_compute_dtype
+from lora_lab.sharding import base_param_bytes, shard
 from lora_lab.speed import checkpointing_needed
 
 # Real model shapes (random weights are made on the device; nothing is downloaded).
@@ -234,9 +245,18 @@ def peer_model(path: str, quant: str, device: str):
     )
 
 
-def lora_lab_model(path: str, quant: str, device: str, attn: str, liger: bool | str, fused_loss: bool | str):
+def lora_lab_model(
+    path: str,
+    quant: str,
+    device: str,
+    attn: str,
+    liger: bool | str,
+    fused_loss: bool | str,
+    sharded: bool = False,
+):
     """lora_lab's own path: frozen base kept in the compute dtype, no fp32 upcasts, and the speed
-    switches as training applies them (by default liger where installed on CUDA, else the fused loss)."""
+    switches as training applies them (by default liger where installed on CUDA, else the fused loss).
+    `sharded`: loaded to be sharded with FSDP, as train.distributed=fsdp loads it."""
     from lora_lab.adapters import attach_adapter
     from lora_lab.config import AdapterConfig, ModelConfig, QuantConfig
     from lora_lab.models import load_model
@@ -247,6 +267,7 @@ def lora_lab_model(path: str, quant: str, device: str, attn: str, liger: bool | 
         QuantConfig(name=quant),
         [],
         device,
+        sharded,
     )
     model = attach_adapter(
         model, AdapterConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), "causal_lm"
@@ -296,19 +317,28 @@ def bench_train(
     peak_tflops: float,
     liger: bool | str = "auto",
     fused_loss: bool | str = "auto",
+    distributed: str = "ddp",
 ) -> list[dict]:
     import gc
-    import tempfile
 
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithFlattening
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    with tempfile.TemporaryDirectory() as directory:
-        path = save_random_llama(shape, directory, device)
+    with shared_directory() as directory:
+        path = save_random_llama(shape, directory, device) if rank() == 0 else directory
+        if dist.is_initialized():
+            dist.barrier()  # the ranks load what rank 0 saved
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if workload == "fixed":  # equal lengths, made as batches: no collator
+        if distributed == "fsdp":  # the plain recipe has no sharding to compare with
+            recipes = [
+                (
+                    "lora_lab fsdp",
+                    None if workload == "fixed" else batch_collator("sft", tokenizer, True, attn),
+                )
+            ]
+        elif workload == "fixed":  # equal lengths, made as batches: no collator
             recipes = [("peer", None), ("lora_lab", None)]
         else:
             recipes = [
@@ -321,6 +351,11 @@ def bench_train(
             kernels = {"liger": False, "fused_loss": False}
             if name == "peer":
                 model, uses_checkpointing = peer_model(path, quant, device), True
+            elif distributed == "fsdp":
+                model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss, sharded=True)
+                # as training decides: the probe would step the whole model on one GPU
+                uses_checkpointing = checkpointing == "on" or (checkpointing == "auto" and device == "cuda")
+                shard(model, device, resolve_compute_dtype("auto", device), uses_checkpointing)
             else:
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss)
                 if checkpointing == "auto":  # measured on the first batch, as training measures its longest
@@ -332,8 +367,15 @@ def bench_train(
                     enable_checkpointing(model)
             batches = _batches(workload, batch, seq, steps, config.vocab_size, collator, device)
             tokens_per_second, peak, span = time_training(model, batches, device, warmup=min(2, steps - 1))
+            # the ranks train on batches of their own: their tokens add up, the busiest rank's memory counts
+            tokens_per_second = across_ranks(tokens_per_second, dist.ReduceOp.SUM, device)
+            peak = across_ranks(peak, dist.ReduceOp.MAX, device)
+            base_bytes = across_ranks(base_param_bytes(model), dist.ReduceOp.MAX, device)
             mfu = (
-                tokens_per_second * flops_per_token(config, span, uses_checkpointing) / (peak_tflops * 1e12)
+                tokens_per_second
+                / world_size()
+                * flops_per_token(config, span, uses_checkpointing)
+                / (peak_tflops * 1e12)
                 if device == "cuda"
                 else None
             )
@@ -342,6 +384,7 @@ def bench_train(
                     "recipe": name,
                     "tokens_per_second": tokens_per_second,
                     "peak_gib": peak,
+                    "base_gib_per_rank": base_bytes / 2**30,
                     "mfu": mfu,
                     "checkpointing": uses_checkpointing,
                     **kernels,
@@ -354,6 +397,33 @@ def bench_train(
     for row in rows:
         row["ratio"] = row["tokens_per_second"] / rows[0]["tokens_per_second"]
     return rows
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shared_directory():
+    """A temporary directory, the same one on every rank of a torchrun (rank 0 makes it)."""
+    if not dist.is_initialized():
+        return tempfile.TemporaryDirectory()
+    made = tempfile.TemporaryDirectory() if rank() == 0 else None
+    name = [made.name if made else None]
+    dist.broadcast_object_list(name)
+    return made or contextlib.nullcontext(name[0])
+
+
+def across_ranks(value: float, op, device: str) -> float:
+    """`value` reduced over the ranks of a torchrun (itself in one process)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op)
+    return float(tensor)
 
 
 # --liger / --fused-loss: the values train.liger / train.fused_loss take
@@ -397,6 +467,12 @@ def main() -> None:
         train.add_argument(
             f"--{name}", choices=SWITCH, default="auto", help=f"lora_lab's train.{name.replace('-', '_')}"
         )
+    train.add_argument(
+        "--distributed",
+        choices=["ddp", "fsdp"],
+        default="ddp",
+        help="fsdp: lora_lab's model sharded over the processes of a torchrun, as train.distributed=fsdp",
+    )
     train.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak, for MFU")
     train.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -404,8 +480,25 @@ def main() -> None:
         run_benchmark(args)
 
 
+def start_processes(distributed: str) -> None:
+    """--distributed fsdp: the process group of the torchrun this runs under, on this rank's GPU."""
+    if distributed != "fsdp":
+        return
+    if world_size() < 2:
+        raise ConfigError(
+            "--distributed",
+            distributed,
+            f"FSDP shards across processes and this is one (WORLD_SIZE={world_size()}): run it under "
+            "torchrun --nproc_per_node N (N >= 2)",
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def run_benchmark(args: argparse.Namespace) -> None:
     if args.bench == "train":
+        start_processes(args.distributed)
         rows = bench_train(
             args.shape,
             args.quant,
@@ -418,16 +511,23 @@ def run_benchmark(args: argparse.Namespace) -> None:
             args.peak_tflops,
             SWITCH[args.liger],
             SWITCH[args.fused_loss],
+            args.distributed,
+        )
+        if rank() != 0:
+            return
+        processes = f", {world_size()} processes ({args.distributed})" if dist.is_initialized() else ""
+        print(
+            f"# training, {args.shape} {args.quant}, batch {args.batch} x seq {args.seq} ({args.workload}){processes}, on {machine()}, {date.today()}"
         )
         print(
-            f"# training, {args.shape} {args.quant}, batch {args.batch} x seq {args.seq} ({args.workload}), on {machine()}, {date.today()}"
+            "| recipe | tokens/s | peak GiB | base GiB per rank | MFU | ratio | checkpointing | liger | fused loss |"
         )
-        print("| recipe | tokens/s | peak GiB | MFU | ratio | checkpointing | liger | fused loss |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(
-                f"| {r['recipe']} | {r['tokens_per_second']:,.0f} | {r['peak_gib']:.1f} | {mfu} | {r['ratio']:.2f}x "
+                f"| {r['recipe']} | {r['tokens_per_second']:,.0f} | {r['peak_gib']:.1f} | {r['base_gib_per_rank']:.2f} "
+                f"| {mfu} | {r['ratio']:.2f}x "
                 + "".join(f"| {'on' if r[k] else 'off'} " for k in ("checkpointing", "liger", "fused_loss"))
                 + "|"
             )

@@ -4,6 +4,7 @@ exported with one process; QLoRA sharded too; the refusals; the CUDA path (make 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -109,6 +110,48 @@ def test_qlora_under_fsdp_matches_one_process(tmp_path):
     assert sharded["memory/base_param_bytes_per_rank"] == single["memory/base_param_bytes_per_rank"] / 2
 
 
+@pytest.mark.slow
+def test_a_submitit_job_of_two_tasks_is_one_fsdp_run(tmp_path):
+    """hydra/launcher=submitit_local with tasks_per_node=2 as submitit_slurm runs a job (conf/hydra/launcher/
+    fsdp_slurm.yaml): the tasks join one torch.distributed run, each holding half of the base."""
+    result = cli(
+        [
+            "-m",
+            "lora_lab.train",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            *COMMON,
+            "train.max_steps=10",
+            "train.eval_steps=10",
+            "train.distributed=fsdp",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    metrics = read_metrics(tmp_path / "sweep" / "0")
+    assert metrics["memory/base_param_bytes_per_rank"] == base_bytes_of_the_tiny_model() / 2
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_shards_under_torchrun(tmp_path):
+    """`torchrun ... -m lora_lab.bench train --distributed fsdp`, the GPU row's command, on the CPU shape."""
+    out = tmp_path / "bench.json"
+    args = ["train", "--shape", "cpu-small", "--quant", "nf4", "--batch", "2", "--seq", "64", "--steps", "3"]
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"]
+    result = cli(
+        [*launch, "-m", "lora_lab.bench", *args, "--distributed", "fsdp", "--out", str(out)],
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = json.loads(out.read_text())["results"]
+    assert row["recipe"] == "lora_lab fsdp" and row["tokens_per_second"] > 0
+    assert "2 processes (fsdp)" in result.stdout
+
+
 def test_fsdp_refusals_name_the_key_and_what_is_valid(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train.distributed='zero3'.*valid values are ddp, fsdp"):
         validate(compose(["train.distributed=zero3"]))
@@ -125,3 +168,56 @@ def test_fsdp_refusals_name_the_key_and_what_is_valid(tmp_path, monkeypatch):
     no_blocks.config = SimpleNamespace(name_or_path="toy", model_type="toy")
     with pytest.raises(ConfigError, match=r"train.distributed='fsdp'.*no stack of transformer blocks.*ddp"):
         block_stack(no_blocks)
+
+
+def one_step_on_cuda(overrides: list[str], sharded: bool) -> tuple[float, dict]:
+    """The loss of one training batch and the adapter's gradients, on CUDA: the tiny model loaded as
+    a run loads it, sharded (a process group of one, NCCL) or not."""
+    from lora_lab.adapters import attach_adapter
+    from lora_lab.models import load_model
+    from lora_lab.sharding import shard
+
+    run = validate(compose(overrides))
+    model, tokenizer = load_model(run.model, run.quant, [], "cuda", sharded=sharded)
+    torch.manual_seed(0)  # the same LoRA initialisation for both models
+    model = attach_adapter(model, run.adapter, "causal_lm")
+    if sharded:
+        shard(model, "cuda", torch.bfloat16, checkpointing=True)
+    batch = tokenizer(["sort 3 1 2 : 1 2 3", "sort 9 7 8 : 7 8 9"], return_tensors="pt").to("cuda")
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = {
+        name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return float(loss), grads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu)")
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_a_sharded_step_on_cuda_matches_the_unsharded_one(quant, monkeypatch):
+    """The CUDA path of train.distributed=fsdp as far as one GPU takes it: bitsandbytes' CUDA kernels
+    on 4-bit weights stored as bf16 and gathered by FSDP, a full-precision base loaded into CPU memory
+    and sharded onto the GPU, bf16 mixed precision, the composable activation checkpoint."""
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29546",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    overrides = [f"quant={quant}", "quant.compute_dtype=bfloat16", "adapter.dropout=0"]
+    torch.distributed.init_process_group("nccl")
+    try:
+        loss, grads = one_step_on_cuda(overrides, sharded=False)
+        sharded_loss, sharded_grads = one_step_on_cuda(overrides, sharded=True)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert sharded_loss == pytest.approx(loss, rel=1e-2)
+    assert grads.keys() == sharded_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(sharded_grads[name], grad, rtol=0.05, atol=1e-3), name

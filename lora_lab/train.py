@@ -56,6 +56,22 @@ def interrupted_message(e: Interrupted, save_steps: int | None, run_dir: Path, o
     return f"run interrupted by {e.signal_name}; {checkpoint.name} is intact, resume with: {resume}"
 
 
+def join_submitit_tasks() -> None:
+    """A job of several tasks under the submitit launcher (hydra/launcher=submitit_slurm with
+    tasks_per_node = GPUs per node, on one node or more; or submitit_local): its tasks become the
+    processes of one torch.distributed run, as torchrun's would be (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR and MASTER_PORT from the job's environment). Each task keeps seeing every GPU of its
+    node and uses the one of its LOCAL_RANK."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    # imported here: only submitit jobs need it, and the entrypoint answers in a second without it
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def quiet_other_ranks() -> None:
     """Under torchrun / accelerate every process runs this entrypoint: only rank 0 writes to the
     console and to train.log; the others still show their errors."""
@@ -97,6 +113,7 @@ def remove_refused_run_dir(run_dir: Path) -> None:
 def main(cfg: DictConfig) -> float | list[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    join_submitit_tasks()
     quiet_other_ranks()
     if hydra_cfg.mode != RunMode.RUN:  # a sweep job: the sweeper handles interrupts and errors
         return run_job(cfg, run_dir, single_run=False)

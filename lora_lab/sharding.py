@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from peft import get_peft_model_state_dict
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -81,13 +82,16 @@ def base_param_bytes(model: torch.nn.Module) -> int:
 
 
 def full_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters, each gathered whole from the ranks' shards (PEFT's save_pretrained
-    picks the adapter's from them). Only the adapter is gathered, never
-    the base. A collective: every rank calls it."""
+    """The adapter's entries of the model's state, each gathered whole from the ranks' shards and
+    keyed as in the model's state (for PEFT's save_pretrained). PEFT itself selects them (trained or
+    not: an init_from adapter evaluated only is frozen); the base is never gathered. A collective:
+    every rank calls it."""
+    state = model.state_dict(keep_vars=True)  # the parameters themselves, to be recognised below
+    adapter = {id(value) for value in get_peft_model_state_dict(model, state_dict=state).values()}
     return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).cpu()
-        for name, p in model.named_parameters()
-        if p.requires_grad
+        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+        for key, value in state.items()
+        if id(value) in adapter
     }
 
 

@@ -355,7 +355,9 @@ def bench_train(
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss, sharded=True)
                 # as training decides: the probe would step the whole model on one GPU
                 uses_checkpointing = checkpointing == "on" or (checkpointing == "auto" and device == "cuda")
-                shard(model, device, resolve_compute_dtype("auto", device), uses_checkpointing)
+                shard(
+                    model, device, resolve_compute_dtype("auto", device), uses_checkpointing, quant == "none"
+                )
             else:
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss)
                 if checkpointing == "auto":  # measured on the first batch, as training measures its longest

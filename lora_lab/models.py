@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -224,11 +225,12 @@ def progress_bars_on_terminals_only() -> None:
 
 def load_device(device: str, to_shard: bool) -> str | int:
     """Where the base loads. Under torchrun / accelerate each process loads its copy onto its own
-    (current) GPU; a full-precision base to be sharded loads into CPU memory instead, and each block's
-    shards reach the GPU as FSDP splits it (a whole base may not fit one GPU; 4-bit bases quantize
-    on the GPU as they load)."""
+    (current) GPU. A full-precision base to be sharded loads into rank 0's CPU memory only, and the
+    other ranks build it on `meta`: FSDP sends each rank its shards (lora_lab.sharding.shard), so a
+    base that fits no GPU, nor N copies of it the host's memory, still loads. 4-bit bases quantize on
+    each rank's GPU as they load."""
     if to_shard:
-        return "cpu"
+        return "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
     return torch.cuda.current_device() if device == "cuda" else device
 
 
@@ -247,6 +249,10 @@ def load_model(
         "trust_remote_code": model_cfg.trust_remote_code,
         "attn_implementation": model_cfg.attn_implementation,
     }
+    if kwargs["device_map"][""] == "meta":
+        # This rank's weights arrive from rank 0 as it is sharded (sharding.receive_from_rank0): what
+        # loads into its meta model before then (an init_from adapter) is a no-op on purpose.
+        warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter")
     if model_cfg.kind == "seq_cls":
         auto_cls = AutoModelForSequenceClassification
         kwargs |= {

@@ -240,7 +240,7 @@ def setup_fit(
         resuming=checkpoint is not None,
     )
     if fsdp:  # after the arguments, which start the process group
-        shard(model, device, compute_dtype, checkpointing)
+        shard(model, device, compute_dtype, checkpointing, from_rank0=run.quant.name == "none")
     trainer = build_trainer(
         model,
         tokenizer,

@@ -14,7 +14,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from peft import get_peft_model_state_dict
 from torch.distributed._composable import checkpoint
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
@@ -40,13 +45,18 @@ def block_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
         ) from None
 
 
-def shard(model: torch.nn.Module, device: str, compute_dtype: torch.dtype, checkpointing: bool) -> None:
+def shard(
+    model: torch.nn.Module, device: str, compute_dtype: torch.dtype, checkpointing: bool, from_rank0: bool
+) -> None:
     """Shard `model` in place over all processes: each block a unit, then the root (embeddings, final
     norm, head). Parameters are gathered in the compute dtype; gradients are reduced in fp32. With
     `checkpointing`, each block recomputes its activations through torch.distributed's composable
     checkpoint, which FSDP2 composes with and which, unlike the checkpoint wrapper module, leaves
-    the parameters' names (and so the saved adapter's) as they are."""
+    the parameters' names (and so the saved adapter's) as they are. `from_rank0`: only rank 0 holds
+    the weights (models.load_device), the others a model on `meta`, which receive their shards."""
     stack = block_stack(model)
+    # rank 0's whole weights, the adapter's included, for the others' shards
+    full = model.state_dict() if from_rank0 and torch.distributed.get_rank() == 0 else {}
     mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in stack:
@@ -54,11 +64,24 @@ def shard(model: torch.nn.Module, device: str, compute_dtype: torch.dtype, check
             checkpoint(block)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if from_rank0:
+        receive_from_rank0(model, full, device)
     # generate (exact match) calls the inner model's forward, past the root's gathering hook
     register_fsdp_forward_method(model, "generate")
     # Already distributed: accelerate (under the Trainer) must not wrap it in DDP, which refuses
     # sharded parameters. This is accelerate's own mark of a model it has prepared.
     model._is_accelerate_prepared = True
+
+
+def receive_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], device: str) -> None:
+    """Each rank's shards of rank 0's weights (`full`, empty elsewhere), and rank 0's buffers, which
+    the state dict lacks (rotary frequencies) and a model built on `meta` has no values for."""
+    if torch.distributed.get_rank() != 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -182,7 +182,7 @@ def one_step_on_cuda(overrides: list[str], sharded: bool) -> tuple[float, dict]:
     torch.manual_seed(0)  # the same LoRA initialisation for both models
     model = attach_adapter(model, run.adapter, "causal_lm")
     if sharded:
-        shard(model, "cuda", torch.bfloat16, checkpointing=True)
+        shard(model, "cuda", torch.bfloat16, checkpointing=True, from_rank0=run.quant.name == "none")
     batch = tokenizer(["sort 3 1 2 : 1 2 3", "sort 9 7 8 : 7 8 9"], return_tensors="pt").to("cuda")
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):

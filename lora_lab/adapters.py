@@ -159,7 +159,12 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterConfig, kind: str) ->
         ) from None
     keep_trainable_in_fp32(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
+    log.info(
+        "trainable parameters: %d of all %d (%.4f%% of all parameters, the adapter's included)",
+        trainable,
+        total,
+        100 * trainable / total,
+    )
     return peft_model
 
 

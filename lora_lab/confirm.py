@@ -1,29 +1,35 @@
-"""Confirm a study's winners: rerun its top configurations with fresh seeds and compare them.
+"""Confirm a sweep's winners: rerun its top configurations with fresh seeds and compare them.
 
 python -m lora_lab.confirm multirun/2025-06-01/12-00-00 --top 3 --seeds 5
 python -m lora_lab.confirm sqlite:///multirun/optuna.db --study-name lora_tiny_sort --top 3 --seeds 5
 
-Each of the top-K COMPLETE trials' configurations (its job's config: the sweep's fixed overrides and
-the trial's params) runs as one Hydra multirun over train.seed, with the basic sweeper and the sweep's
-launcher settings (hydra/launcher=joblib, submitit_slurm, ... and their hydra.launcher.*), its jobs in
-<sweep dir>/confirm/trial<n>_seed<seed>. The seeds are ones no trial of the study used. Then
+The sweep is an Optuna study (its sweep dir or storage URL: the COMPLETE trials) or a plain Hydra
+multirun (its dir: the jobs that wrote metrics.json, ranked on their optimized_metric). Its runs are
+grouped into configurations (all but train.seed), ranked by their mean, and each of the top K runs
+again, one job's config exactly (the sweep's fixed overrides and its params), as one Hydra multirun over
+train.seed, with the basic sweeper and the sweep's launcher settings (hydra/launcher=joblib,
+submitit_slurm, ... and their hydra.launcher.*), its jobs in <sweep dir>/confirm/trial<n>_seed<seed>
+(job<n>_seed<seed> for a multirun's job n). The seeds are ones no run of the sweep used. Then
 lora_lab.report compares them there: comparison.md and comparison.csv, one row per configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 from lora_lab.commands import key_of, quote
 from lora_lab.errors import ConfigError, exit_on_config_error
 from lora_lab.report import report
-from lora_lab.report.sources import ReportError, load_source
+from lora_lab.report.sources import Job, ReportError, load_source, objectives
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SEED = "train.seed"
@@ -98,24 +104,67 @@ def trial_job(trial: Any, jobs: dict[int, Path]) -> Path:
     )
 
 
-def used_seeds(trials: list, jobs: dict[int, Path]) -> set[int]:
-    seeds = set()
-    for t in trials:
+@dataclass
+class Candidate:
+    """A configuration of the sweep: its runs' values of the first objective, and a job that ran it
+    (its saved config is the one confirm reruns), named for the confirm's job dirs."""
+
+    name: str
+    values: list[float]
+    job: Path
+
+
+def study_candidates(target: str, study: Any, jobs: list[Job]) -> tuple[list[Candidate], str]:
+    """The COMPLETE trials of a study, one candidate per configuration (its params less train.seed)."""
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise ConfigError(
+            "target", target, f"a study with a COMPLETE trial (study {study.study_name} has none)"
+        )
+    by_number = {j.number: j.path for j in jobs}
+    found: dict[str, Candidate] = {}
+    for t in complete:  # a multi-objective study: ranked by its first objective
+        key = repr(sorted((k, v) for k, v in t.params.items() if k != SEED))
+        if key not in found:
+            found[key] = Candidate(f"trial{t.number}", [], trial_job(t, by_number))
+        per_seed = list(t.user_attrs.get("seed_values", {}).values())  # by objective, in order
+        found[key].values += per_seed[0] if per_seed else [t.values[0]]
+    return list(found.values()), study.directions[0].name.lower()
+
+
+def multirun_candidates(target: str, jobs: list[Job]) -> tuple[list[Candidate], str]:
+    """The jobs of a plain Hydra multirun that wrote metrics, one candidate per configuration (its
+    overrides less train.seed), ranked on its first objective (optimized_metric)."""
+    names, directions = objectives(jobs, None)
+    found: dict[str, Candidate] = {}
+    for job in jobs:
+        if job.metrics is None or names[0] not in job.metrics:
+            continue
+        key = repr(sorted((k, repr(v)) for k, v in job.overrides.items() if k != SEED))
+        if key not in found:
+            found[key] = Candidate(f"job{job.number}", [], job.path)
+        found[key].values.append(job.metrics[names[0]])
+    if not found:
+        raise ConfigError("target", target, f"a multirun with a finished job (none here wrote {names[0]})")
+    return list(found.values()), directions[0]
+
+
+def used_seeds(jobs: list[Job], study: Any) -> set[int]:
+    seeds = {int(j.cfg.train.seed) for j in jobs if OmegaConf.select(j.cfg, SEED) is not None}
+    for t in study.trials if study is not None else []:
         seeds |= set(t.user_attrs.get("seeds", []))
         if SEED in t.params:
             seeds.add(int(t.params[SEED]))
-        for path in [*(Path(d) for d in t.user_attrs.get("job_dirs", [])), jobs.get(t.number)]:
-            if path is not None and (path / ".hydra" / "config.yaml").exists():
+        for path in (Path(d) for d in t.user_attrs.get("job_dirs", [])):
+            if (path / ".hydra" / "config.yaml").exists():
                 seeds.add(int(OmegaConf.load(path / ".hydra" / "config.yaml").train.seed))
     return seeds
 
 
 def confirm(target: str, study_name: str | None, top: int, n_seeds: int) -> Path:
     """Rerun the top configurations, compare them; returns the confirm dir."""
-    from optuna.trial import TrialState
-
     if top < 1:
-        raise ConfigError("--top", top, "an integer >= 1 (how many of the best trials to rerun)")
+        raise ConfigError("--top", top, "an integer >= 1 (how many of the best configurations to rerun)")
     if n_seeds < 2:
         raise ConfigError(
             "--seeds", n_seeds, "an integer >= 2 (runs per configuration, to measure the noise)"
@@ -124,37 +173,28 @@ def confirm(target: str, study_name: str | None, top: int, n_seeds: int) -> Path
         jobs, study, _, _ = load_source(target, study_name)
     except ReportError as e:
         raise ConfigError(
-            "target", target, f"a finished study's sweep dir, or its storage URL ({e})"
+            "target", target, f"a finished sweep's dir, or its study's storage URL ({e})"
         ) from None
-    if study is None:
-        raise ConfigError("target", target, "a sweep dir of an Optuna study (this one holds no study)")
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        raise ConfigError(
-            "target", target, f"a study with a COMPLETE trial (study {study.study_name} has none)"
-        )
-    sign = -1 if study.directions[0].name == "MAXIMIZE" else 1  # a multi-objective study: by its first
-    best = sorted(complete, key=lambda t: sign * t.values[0])[:top]
-    by_number = {j.number: j.path for j in jobs}
-    runs = [(t, trial_job(t, by_number)) for t in best]
-    start = max(used_seeds(study.trials, by_number), default=-1) + 1
+    candidates, direction = (
+        study_candidates(target, study, jobs) if study is not None else multirun_candidates(target, jobs)
+    )
+    sign = -1 if direction == "maximize" else 1
+    best = sorted(candidates, key=lambda c: sign * statistics.fmean(c.values))[:top]
+    start = max(used_seeds(jobs, study), default=-1) + 1
     seeds = list(range(start, start + n_seeds))
-    out = (runs[0][1].parent / "confirm").resolve()  # the runs start in the sweep's cwd
-    print(f"confirming trials {', '.join(str(t.number) for t, _ in runs)} with seeds {seeds} in {out}")
+    out = (best[0].job.parent / "confirm").resolve()  # the runs start in the sweep's cwd
+    print(f"confirming {', '.join(c.name for c in best)} with seeds {seeds} in {out}")
     failed = []
-    for trial, job in runs:
-        task, launcher, cwd = configuration(job)
+    for candidate in best:
+        task, launcher, cwd = configuration(candidate.job)
         args = [sys.executable, "-m", "lora_lab.train", "-m", *task, f"{SEED}={','.join(map(str, seeds))}"]
         args += ["hydra/sweeper=basic", *launcher, f"hydra.sweep.dir={quote(out)}"]
-        args += [f"hydra.sweep.subdir=trial{trial.number}_seed${{{SEED}}}"]
+        args += [f"hydra.sweep.subdir={candidate.name}_seed${{{SEED}}}"]
         if subprocess.run(args, cwd=cwd).returncode != 0:
-            failed.append(trial.number)
+            failed.append(candidate.name)
     report(str(out), None, None)
     if failed:
-        print(
-            f"error: a run of trial(s) {', '.join(map(str, failed))} failed (see its log in {out})",
-            file=sys.stderr,
-        )
+        print(f"error: a run of {', '.join(failed)} failed (see its log in {out})", file=sys.stderr)
         sys.exit(1)
     return out
 

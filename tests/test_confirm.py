@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import cli, compose, load_study, sweep_output
+from conftest import SWEEP_FAST, cli, compose, load_study, sweep_output
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from scipy import stats as scipy_stats
@@ -203,3 +203,39 @@ def test_multi_objective_summary_has_a_rerun_command_per_pareto_trial(tmp_path):
         for name, value in trial.params.items():
             assert f"{name}={value}" in shlex.split(entry["command"])
         assert f"rerun Pareto-front trial {trial.number} with: {entry['command']}" in output
+
+
+def test_confirm_reruns_a_plain_multiruns_best_configurations(tmp_path):
+    """A plain Hydra multirun (no study): its configurations ranked on optimized_metric from the jobs'
+    metrics.json, each rerun with seeds no job used; the confirm report numbers its runs in order and
+    shows the params as the multirun wrote them (alpha_multiple 4, not the schema's 4.0)."""
+    sweep_dir = tmp_path / "grid"
+    grid = ["-m", "adapter.alpha_multiple=2,4", "train.seed=range(2)", f"hydra.sweep.dir={sweep_dir}"]
+    result = cli(["-m", "lora_lab.train", *grid, *SWEEP_FAST, *TINY], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    first_job = {}
+    for job in sorted(sweep_dir.glob("[0-9]*"), key=lambda j: int(j.name)):
+        first_job.setdefault(OmegaConf.load(job / ".hydra/overrides.yaml")[0], int(job.name))
+
+    result = cli(["-m", "lora_lab.confirm", str(sweep_dir), "--top", "2", "--seeds", "2"], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    confirm_dir = sweep_dir / "confirm"
+    runs = {multiple: [confirm_dir / f"job{n}_seed{s}" for s in (2, 3)] for multiple, n in first_job.items()}
+    assert sorted(p.name for p in confirm_dir.iterdir() if p.is_dir()) == sorted(
+        p.name for jobs in runs.values() for p in jobs
+    )  # seeds 0 and 1 ran in the multirun
+    rows = {r["config"]: r for r in read_csv(confirm_dir / "comparison.csv")}
+    assert set(rows) == {"adapter.alpha_multiple=2", "adapter.alpha_multiple=4"} == set(runs)
+    for multiple, jobs in runs.items():
+        assert int(rows[multiple]["n"]) == 2
+        assert float(rows[multiple]["mean"]) == pytest.approx(
+            statistics.fmean(metrics(j)[OBJECTIVE] for j in jobs)
+        )
+    trials = read_csv(confirm_dir / "report.csv")
+    assert [r["trial"] for r in trials] == ["0", "1", "2", "3"]
+    assert sorted((r["adapter.alpha_multiple"], r["train.seed"]) for r in trials) == [
+        ("2", "2"),
+        ("2", "3"),
+        ("4", "2"),
+        ("4", "3"),
+    ]

@@ -114,7 +114,9 @@ def test_sigint_ends_a_sweep_with_one_line_and_the_rerun_resumes(tmp_path):
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output
     ended = [line for line in output.splitlines() if "interrupted" in line]
-    assert len(ended) == 2 and "trial 2/3 FAIL (interrupted)" in ended[0]  # its progress line
+    assert (
+        len(ended) == 2 and "trial 1 FAIL: interrupted (2 of 3 in this sweep" in ended[0]
+    )  # its progress line
     assert "sweep interrupted by SIGINT" in ended[1] and "rerun the same command to resume" in ended[1]
     study = optuna.load_study(study_name="study", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]

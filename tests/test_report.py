@@ -81,6 +81,8 @@ def assert_efficiency_matches(out_dir: Path, metrics_by_rank: dict[int, dict]) -
         assert int(table[r]["trainable"]) == metrics["params/trainable"]
         assert int(table[r]["base params"]) == metrics["params/total"] - metrics["params/trainable"]
         assert float(table[r]["reduction"]) == int(table[r]["base params"]) / metrics["params/trainable"]
+        # one trainable share, of all parameters, in the report, metrics.json and the training log
+        assert float(table[r]["trainable %"]) == pytest.approx(metrics["params/trainable_pct"], rel=1e-12)
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float]:
@@ -474,3 +476,97 @@ def test_a_storage_password_reaches_no_report_file_nor_message(postgres_url, tmp
     assert "report-s3cret" not in out + err
     code, out, err = report_in_process(capsys, storage, "--study", "nope")
     assert code == 2 and "postgres:***@127.0.0.1" in err and "report-s3cret" not in err
+
+
+def border_pixels(path: Path) -> set:
+    """The colours of a PNG's outermost 2 pixels all round: a text cut at an edge shows there."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        w, h = rgb.size
+        edge = [(x, y) for x in range(w) for y in (0, 1, h - 2, h - 1)]
+        edge += [(x, y) for y in range(h) for x in (0, 1, w - 2, w - 1)]
+        return {rgb.getpixel(p) for p in edge}
+
+
+@pytest.mark.slow
+def test_a_seeds_axis_is_never_a_setting(tmp_path, capsys):
+    """`train.seed=range(3)` searched beside the rank (the README's rank ablation with seeds): the best
+    configuration, its command, optimization_results.yaml and the importances leave the seed out, and
+    the best is the configuration of the best mean, computed here from the study."""
+    sweep_dir = optuna_sweep(
+        tmp_path,
+        "experiment=rank_ablation",
+        "adapter.r=choice(4,16)",
+        "train.seed=range(3)",
+        "train.eval_on_start=false",
+        "train.max_steps=6",
+    )
+    study = load_study(sweep_dir)
+    assert len(study.trials) == 6
+    by_rank: dict[int, list[float]] = {}
+    for t in study.trials:
+        by_rank.setdefault(t.params["adapter.r"], []).append(t.value)
+    best = max(by_rank, key=lambda r: sum(by_rank[r]) / 3)  # token accuracy: higher is better
+    summary = yaml.safe_load((sweep_dir / "study_summary.yaml").read_text())
+    assert summary["best_configuration"]["params"] == {"adapter.r": best}
+    assert summary["best_configuration"]["mean"] == pytest.approx(sum(by_rank[best]) / 3, rel=1e-12)
+    assert summary["best_configuration"]["runs"] == 3
+    assert f"adapter.r={best}" in summary["best_command"] and "train.seed" not in summary["best_command"]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_params"] == {"adapter.r": best}
+    assert results["best_value"] == pytest.approx(sum(by_rank[best]) / 3, rel=1e-12)
+
+    code, out, err = report_in_process(capsys, sweep_dir)
+    assert code == 0, err
+    # Over the configurations' means only the rank varies: the seed gets no importance at all.
+    assert "Skipped: param importances: only adapter.r varies" in (sweep_dir / "report.md").read_text()
+    [row] = [r for r in read_csv(sweep_dir / "comparison.csv") if r["config"] == f"adapter.r={best}"]
+    assert int(row["n"]) == 3
+
+
+@pytest.mark.slow
+def test_every_plot_of_a_sweep_keeps_its_text_inside_the_canvas(tmp_path, capsys):
+    """Every plot a sweep can have (rank, lr, the alpha x rank heatmap, quantization, importances, the
+    Pareto front), under a long study name: no text reaches an edge, read from the PNG's border
+    pixels, which stay the background's white."""
+    name = "a_study_name_as_long_as_the_ones_experiments_compose_from_model_and_task"
+    sweep_dir = optuna_sweep(
+        tmp_path,
+        "hparams_search=lora",
+        "hydra.sweeper.n_trials=5",
+        f"hydra.sweeper.study_name={name}",
+        "quant=choice(none,nf4)",
+        "optimized_metric=[eval/token_accuracy,params/trainable]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+        "train.eval_on_start=false",
+        "train.max_steps=6",
+    )
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len({t.params["quant"] for t in study.trials}) == 2, "the sampler drew one quant only"
+    code, out, err = report_in_process(capsys, sweep_dir)
+    assert code == 0, err
+    plots = sorted(sweep_dir.glob("*.png"))
+    assert {p.stem for p in plots} == {
+        "objective_vs_rank",
+        "objective_vs_lr",
+        "alpha_rank_heatmap",
+        "objective_memory_by_quant",
+        "param_importances",
+        "pareto_front",
+    }
+    for png in plots:
+        assert border_pixels(png) == {(255, 255, 255)}, png.name
+
+
+def test_a_heatmap_cell_draws_an_interval_only_over_one_configurations_seeds():
+    from lora_lab import stats
+    from lora_lab.report.plots import cell_text
+
+    seeds = [0.70, 0.74, 0.72]  # one configuration, three seeds: its mean and t-interval
+    low, high = t_interval(seeds)
+    assert cell_text([stats.summarize(seeds)]) == f"{0.72:.4g} ± {(high - low) / 2:.2g}\nn=3"
+    assert cell_text([stats.summarize([0.7])]) == "0.7\nn=1"
+    # Two learning rates in one (alpha, rank) cell: their values, no interval, n of settings.
+    assert cell_text([stats.summarize([0.718]), stats.summarize([0.731])]) == "0.718, 0.731\n2 settings"
+    spread = [stats.summarize([v]) for v in (0.61, 0.7, 0.64, 0.66)]
+    assert cell_text(spread) == "0.61 .. 0.7\n4 settings"

@@ -42,8 +42,8 @@ def test_study_runs_and_resumes_in_sqlite(tmp_path):
     for trial in study.trials:
         best = max(study.trials[: trial.number + 1], key=lambda t: t.value)
         assert (
-            f"trial {trial.number + 1}/4 COMPLETE value {trial.value:.4g} (best {best.value:.4g}, #{best.number})"
-            in output
+            f"trial {trial.number} COMPLETE value {trial.value:.4g} ({trial.number + 1} of 4 in this sweep; "
+            f"best {best.value:.4g}, trial {best.number})" in output
         )
     assert "new study study in sqlite:///" in output
     assert "A new study created" not in output and "Using an existing study" not in output
@@ -59,7 +59,8 @@ def test_study_runs_and_resumes_in_sqlite(tmp_path):
 
     output = sweep_output(tmp_path, "hydra.sweeper.n_trials=2", name="resumed")
     resumed = tmp_path / "resumed"
-    assert "resuming study study with 4 earlier trials" in output and "trial 2/2 COMPLETE" in output
+    assert "resuming study study with 4 earlier trials" in output and "trial 5 COMPLETE" in output
+    assert "(2 of 2 in this sweep; best" in output  # trial ids as stored, counts of this sweep
     study = load_study(tmp_path)
     assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert sorted(p.name for p in resumed.iterdir() if p.name.isdigit()) == ["4", "5"]

@@ -28,13 +28,19 @@ from hydra_plugins.lora_lab_sweeper._outcomes import (
     tell_pruned_as_pruned,
     trial_outcome,
 )
-from hydra_plugins.lora_lab_sweeper._seeds import check_seeds, seed_job, trial_seeds
+from hydra_plugins.lora_lab_sweeper._seeds import SEED, check_seeds, seed_job, trial_seeds
 from hydra_plugins.lora_lab_sweeper._storage import (
     absolute_sqlite_url,
     create_or_load_study,
     password_to_environment,
 )
-from hydra_plugins.lora_lab_sweeper._summary import objective_names, progress_line, write_summary
+from hydra_plugins.lora_lab_sweeper._summary import (
+    objective_names,
+    progress_line,
+    stock_results_hidden,
+    write_seedless_results,
+    write_summary,
+)
 from lora_lab.commands import quote
 from lora_lab.errors import ConfigError
 from lora_lab.interrupts import Interrupted, interrupts_raised
@@ -134,8 +140,12 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
             elif hasattr(self.sampler, "reseed_rng"):
                 # A seeded sampler would otherwise replay the first trials' parameters.
                 self.sampler.reseed_rng()
+        seed_searched = SEED in distributions  # a seeds axis: the stock loop's best params would name it
         try:
-            super().sweep(arguments)
+            with stock_results_hidden(seed_searched):
+                super().sweep(arguments)
+            if seed_searched:
+                write_seedless_results(study, self.config, self.sweep_dir)
         except ValueError as e:  # the stock loop asks for best_trial even when none completed
             if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 raise
@@ -166,8 +176,8 @@ class LoraLabSweeperImpl(OptunaSweeperImpl):
                 study.tell(trial.number, state=TrialState.FAIL)
 
     def _log_progress(self, number: int) -> None:
-        position = f"{self._ran.index(number) + 1}/{self.n_trials}" if number in self._ran else f"#{number}"
-        log.info("%s", progress_line(self._study, number, position))
+        count = f"{self._ran.index(number) + 1} of {self.n_trials}" if number in self._ran else None
+        log.info("%s", progress_line(self._study, number, count))
 
     def _split_overrides(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         """The stock loop's split of the sweeper's params and the sweep's overrides: the search space

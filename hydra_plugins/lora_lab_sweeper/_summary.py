@@ -4,14 +4,19 @@ configuration beats the runner-up beyond noise."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import statistics
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import yaml
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -51,37 +56,65 @@ def rerun_command(trial: optuna.trial.FrozenTrial, arguments: list[str]) -> str:
     return " ".join([program(), *fixed, *(f"{k}={v}" for k, v in params.items())])
 
 
-def progress_line(study: optuna.Study, number: int, position: str) -> str:
-    """`trial 7/20 COMPLETE value 0.812 (best 0.845, #3)` for a finished trial."""
+def progress_line(study: optuna.Study, number: int, count: str | None) -> str:
+    """`trial 7 COMPLETE value 0.812 (8 of 20 in this sweep; best 0.845, trial 3)` for a finished
+    trial: trials by the number Optuna stores (its job dir's name), `count` its place in this sweep."""
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    line = f"trial {position} {trial.state.name}"
+    line = f"trial {number} {trial.state.name}"
     if trial.state == TrialState.COMPLETE:
         line += " value " + ", ".join(f"{v:.4g}" for v in trial.values)
     elif trial.state == TrialState.PRUNED and trial.intermediate_values:
         line += f" at step {max(trial.intermediate_values)}"
     elif trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs:
-        line += f" ({trial.user_attrs['fail_reason'].splitlines()[0][:200]})"
-    if len(study.directions) == 1:
-        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            best = study.best_trial
-            line += f" (best {best.value:.4g}, #{best.number})"
-    else:
-        line += f" ({len(study.best_trials)} trials on the Pareto front)"
-    return line
+        line += f": {trial.user_attrs['fail_reason'].splitlines()[0][:200]}"
+    notes = [f"{count} in this sweep"] if count else []
+    if len(study.directions) > 1:
+        notes.append(f"{len(study.best_trials)} trials on the Pareto front")
+    elif study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        notes.append(f"best {best.value:.4g}, trial {best.number}")
+    return f"{line} ({'; '.join(notes)})" if notes else line
+
+
+@dataclass
+class Configuration:
+    """The COMPLETE trials that share every param but train.seed, and their runs' values of the first
+    objective (a trial's per-seed values with hydra.sweeper.seeds, else its value)."""
+
+    params: dict[str, Any]
+    trials: list[optuna.trial.FrozenTrial] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "all runs"
+
+
+def configurations(study: optuna.Study, name: str) -> dict[str, Configuration]:
+    found: dict[str, Configuration] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        params = {k: v for k, v in t.params.items() if k != SEED}
+        configuration = found.setdefault(Configuration(params).label, Configuration(params))
+        configuration.trials.append(t)
+        configuration.values += t.user_attrs.get("seed_values", {}).get(name, [t.values[0]])
+    return found
+
+
+def best_configuration(study: optuna.Study, name: str) -> Configuration:
+    """The configuration of the best mean: a seed is not a setting, so with train.seed searched the
+    best trial may be a lucky seed of a worse configuration."""
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    return min(configurations(study, name).values(), key=lambda c: sign * statistics.fmean(c.values))
 
 
 def winner(study: optuna.Study, config: Any, sweep_dir: str) -> dict[str, Any] | None:
-    """Whether the best configuration beats the runner-up beyond noise (lora_lab.stats.compare):
-    the configurations are the COMPLETE trials' params less train.seed, each run's value the
-    trial's per-seed values (hydra.sweeper.seeds) or its value. None for an app without
-    train.seed, whose configurations cannot be repeated with other seeds."""
+    """Whether the best configuration beats the runner-up beyond noise (lora_lab.stats.compare), over
+    the runs of each configuration. None for an app without train.seed, whose configurations cannot
+    be repeated with other seeds."""
     if OmegaConf.select(config, SEED, default=None) is None:
         return None
-    name = objective_names(config, 1)[0]
-    groups: dict[str, list[float]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        configuration = ", ".join(f"{k}={v}" for k, v in sorted(t.params.items()) if k != SEED) or "all runs"
-        groups.setdefault(configuration, []).extend(t.user_attrs.get("seed_values", {}).get(name, [t.value]))
+    found = configurations(study, objective_names(config, 1)[0])
+    groups = {label: c.values for label, c in found.items()}
     if len(groups) < 2:
         return None
     best, runner_up = stats.compare(groups, study.direction.name.lower())[:2]
@@ -129,22 +162,80 @@ def write_summary(
         "trial_states": {s.name: sum(t.state == s for t in trials) for s in TrialState},
     }
     completed = any(t.state == TrialState.COMPLETE for t in trials)
+    names = objective_names(config, len(directions))
     if len(directions) == 1 and completed:
         best = study.best_trial
         summary["best_trial"] = best.number
         summary["best_value"] = best.value
-        summary["best_command"] = rerun_command(best, arguments)
-        log.info("rerun the best trial with: %s", summary["best_command"])
+        chosen = best_configuration(study, names[0])
+        summary["best_configuration"] = {
+            "params": chosen.params,
+            "mean": statistics.fmean(chosen.values),
+            "runs": len(chosen.values),
+            "trials": [t.number for t in chosen.trials],
+        }
+        summary["best_command"] = rerun_command(chosen.trials[0], arguments)
+        if len(chosen.values) > 1:
+            log.info(
+                "best configuration %s: mean %.4g over %d runs (trials %s)",
+                chosen.label,
+                summary["best_configuration"]["mean"],
+                len(chosen.values),
+                ", ".join(map(str, summary["best_configuration"]["trials"])),
+            )
+        log.info("rerun the best configuration with: %s", summary["best_command"])
         if (result := winner(study, config, sweep_dir)) is not None:
             summary["winner"] = result
             log.info("%s", result["line"])
     elif len(directions) > 1 and completed:
-        summary["pareto_commands"] = [
-            {"trial": t.number, "values": list(t.values), "command": rerun_command(t, arguments)}
-            for t in study.best_trials
-        ]
+        commands: dict[str, dict[str, Any]] = {}  # trials that differ only in train.seed: one command
+        for t in study.best_trials:
+            command = rerun_command(t, arguments)
+            commands.setdefault(command, {"trial": t.number, "values": list(t.values), "command": command})
+        summary["pareto_commands"] = list(commands.values())
         for entry in summary["pareto_commands"]:
             log.info("rerun Pareto-front trial %d with: %s", entry["trial"], entry["command"])
     # Wide lines: a command split over two YAML lines loses its params when copied.
     with open(f"{sweep_dir}/study_summary.yaml", "w") as f:
         yaml.safe_dump(summary, f, width=math.inf, sort_keys=False, allow_unicode=True)
+
+
+# The stock loop's closing lines, which name train.seed among the best params when it is searched.
+STOCK_RESULT_LINES = ("Best parameters:", "Best value:", "Number of Pareto solutions:", "    Values:")
+
+
+@contextlib.contextmanager
+def stock_results_hidden(hidden: bool) -> Iterator[None]:
+    """Without the stock loop's closing lines when `hidden`: write_seedless_results says them."""
+    stock = logging.getLogger(OptunaSweeperImpl.__module__)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(STOCK_RESULT_LINES)
+
+    if hidden:
+        stock.addFilter(keep)
+    try:
+        yield
+    finally:
+        stock.removeFilter(keep)
+
+
+def write_seedless_results(study: optuna.Study, config: Any, sweep_dir: str) -> None:
+    """The stock optimization_results.yaml with train.seed searched: the best configuration's params
+    and mean (one objective), or the Pareto front's configurations, never a seed."""
+    names = objective_names(config, len(study.directions))
+    results: dict[str, Any] = {"name": "optuna"}
+    if len(study.directions) == 1:
+        chosen = best_configuration(study, names[0])
+        results |= {"best_params": chosen.params, "best_value": statistics.fmean(chosen.values)}
+        log.info("Best parameters: %s", chosen.params)
+        log.info("Best value: %s (the mean of its %d runs)", results["best_value"], len(chosen.values))
+    else:
+        solutions = []
+        for t in study.best_trials:
+            params = {k: v for k, v in t.params.items() if k != SEED}
+            if params not in [s["params"] for s in solutions]:
+                solutions.append({"params": params, "values": list(t.values)})
+        results["solutions"] = solutions
+        log.info("Number of Pareto solutions: %d", len(solutions))
+    OmegaConf.save(OmegaConf.create(results), f"{sweep_dir}/optimization_results.yaml")

@@ -23,9 +23,15 @@ What it adds to the stock plugin, without replacing its sweep loop:
   value is the mean, its per-seed values and their std are user attrs; a failed seed fails the trial;
 - each trial keeps its job dirs and its jobs' metrics.json values (mean over seeds) as user attrs, so
   a report from the storage alone has its measurements;
+- one progress line per finished trial, trials numbered as Optuna stores them (and as their job dirs
+  are named), with the trial's place in this sweep as "k of N", on a resume too;
 - at the end, besides the stock `optimization_results.yaml`, `study_summary.yaml` holds the trial
-  counts per state, the command (one line) that reruns the best trial as a single run, or one per
-  Pareto-front trial, and whether the best configuration beats the runner-up beyond noise (`winner`).
+  counts per state, the best configuration (params less train.seed, of the best mean over its runs),
+  the command (one line, without a seed) that reruns it as a single run, or one per Pareto-front
+  configuration, and whether it beats the runner-up beyond noise (`winner`); with train.seed
+  searched, optimization_results.yaml and the closing lines name configurations, never a seed;
+- a sweep leaves its process as it found it (signal handlers, Optuna's log level, the dir lock), so an
+  app may sweep twice in one process.
 """
 
 from __future__ import annotations

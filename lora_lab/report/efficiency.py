@@ -23,8 +23,8 @@ EFFICIENCY_COLUMNS = {"target_modules": "target modules", "layers": "layers", "r
 EFFICIENCY_COLUMNS |= {
     "trainable": "trainable params",
     "base params": "base params",
-    "trainable %": "% of base",
-    "reduction": "base/trainable",
+    "trainable %": "trainable % of all params",  # as params/trainable_pct and the training log
+    "reduction": "base params per trainable",
 }
 
 
@@ -51,10 +51,10 @@ def param_efficiency(
         with warnings.catch_warnings():  # transformers' deprecation notices, raised inside PEFT
             warnings.simplefilter("ignore", FutureWarning)
             peft_model = get_peft_model(model, lora_config(model, adapter, run.model.kind))
-        trainable, _ = peft_model.get_nb_trainable_parameters()
+        trainable, total = peft_model.get_nb_trainable_parameters()
         rows.append({"target_modules": modules, **({"layers": which} if layers else {}), "r": r})
         rows[-1] |= {"trainable": trainable, "base params": base}
-        rows[-1] |= {"trainable %": 100 * trainable / base, "reduction": base / trainable}
+        rows[-1] |= {"trainable %": 100 * trainable / total, "reduction": base / trainable}
     arch = type(peft_model.get_base_model()).__name__
     return rows, f"Model `{run.model.name}` ({arch}), {rows[0]['base params']:,} base params."
 

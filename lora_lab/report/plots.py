@@ -4,17 +4,21 @@ objective and memory by quantization, Optuna's param importances and the Pareto 
 from __future__ import annotations
 
 import math
+import statistics
+import textwrap
 import warnings
 from pathlib import Path
 
 import matplotlib
 import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter
 from optuna.importance import get_param_importances
 
 from lora_lab import stats
-from lora_lab.report.tables import fmt, numeric
+from lora_lab.report.tables import SEED, fmt, numeric
 
 UNITS = {"eval/loss": "cross-entropy, nats", "eval/perplexity": "exp(loss)", "params/trainable": "count"}
 UNITS |= {"memory/peak_gib": "GiB", "speed/tokens_per_second": "tokens/s", "time/wall_seconds": "s"}
@@ -73,13 +77,37 @@ def _error_bars(ax, points: list[tuple[float, stats.Summary]]) -> str:
     return ""
 
 
+def outside_canvas(fig: Figure, renderer) -> list[Text]:
+    """The figure's texts that reach past its edges (a title cut on the left, say)."""
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return [
+        t
+        for t in texts
+        if not all(fig.bbox.contains(x, y) for x, y in t.get_window_extent(renderer).corners())
+    ]
+
+
+def _fit(fig: Figure, note: Text | None) -> None:
+    """Lay the figure out with every text inside it: a text that reaches past an edge is wrapped to
+    fewer columns and the layout done again; the note at the bottom keeps its own strip."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for _ in range(8):
+        strip = note.get_window_extent(renderer).y1 / fig.bbox.height + 0.01 if note else 0
+        fig.tight_layout(rect=(0, strip, 1, 1))
+        outside = outside_canvas(fig, renderer)
+        if not outside:
+            return
+        for text in outside:
+            lines = text.get_text().splitlines()
+            columns = max(10, int(0.8 * max(map(len, lines))))
+            text.set_text("\n".join(textwrap.fill(line, columns) for line in lines))
+
+
 def _save(fig: Figure, path: Path, rows: list[dict], note: str = "") -> None:
     failed = [str(r["trial"]) for r in rows if r["state"] == "FAIL"]
     if failed:  # listed, not plotted: a failed trial has no value
         note = f"{note}   failed trials, not plotted: {', '.join(failed)}".strip()
-    if note:
-        fig.text(0.01, 0.01, note, fontsize=9)
-    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+    _fit(fig, fig.text(0.01, 0.01, note, fontsize=9) if note else None)
     fig.savefig(path)  # a bare Figure renders with Agg: no pyplot state, no display needed
 
 
@@ -119,45 +147,80 @@ def plot_vs_param(rows, groups, param, names, dirs, title, path: Path) -> None:
     _save(fig, path, rows, note)
 
 
-def plot_heatmap(rows, alpha: str, name: str, direction: str, title: str, path: Path) -> None:
-    """Mean objective of the completed trials in each (alpha, rank) cell, with the half-width of its 95%
-    t-interval where the cell holds several; cells without one stay blank."""
-    done = [r for r in rows if r["state"] == "COMPLETE" and numeric(r[alpha], r["adapter.r"], r[name])]
+def cell_text(configurations: list[stats.Summary]) -> str:
+    """What a heatmap cell says: one configuration's mean, with the half-width of its 95% t-interval
+    where its seeds repeated it; for a cell of several settings (another lr, say) their values, as
+    they are: an interval over different settings would pass their spread off as noise."""
+    if len(configurations) == 1:
+        [cell] = configurations
+        spread = f" ± {(cell.ci_high - cell.ci_low) / 2:.2g}" if cell.n >= 2 else ""
+        return f"{cell.mean:.4g}{spread}\nn={cell.n}"
+    values = sorted(c.mean for c in configurations)
+    shown = (
+        ", ".join(f"{v:.3g}" for v in values) if len(values) <= 3 else f"{values[0]:.3g} .. {values[-1]:.3g}"
+    )
+    return f"{shown}\n{len(values)} settings"
+
+
+def plot_heatmap(rows, groups, alpha: str, name: str, direction: str, title: str, path: Path) -> None:
+    """Each (alpha, rank) cell coloured by the mean of its configurations' means (cell_text says what
+    it holds); cells without a completed trial stay blank."""
     alphas = sorted({r[alpha] for r in rows if numeric(r[alpha])})
     ranks = sorted({r["adapter.r"] for r in rows if numeric(r["adapter.r"])})
-    cells = [
-        [[r[name] for r in done if (r[alpha], r["adapter.r"]) == (a, k)] or None for k in ranks]
+    summaries = _summaries(groups, name)
+    cells: dict[tuple, list[stats.Summary]] = {}
+    for label, runs in groups.items():
+        if label in summaries and numeric(runs[0][alpha], runs[0]["adapter.r"]):
+            cells.setdefault((runs[0][alpha], runs[0]["adapter.r"]), []).append(summaries[label])
+    colour = [
+        [statistics.fmean(c.mean for c in cells[a, k]) if (a, k) in cells else math.nan for k in ranks]
         for a in alphas
     ]
-    cells = [[cell and stats.summarize(cell) for cell in line] for line in cells]
-    means = [[cell.mean if cell else math.nan for cell in line] for line in cells]
-    fig = Figure(figsize=(1.2 * len(ranks) + 3.5, 0.8 * len(alphas) + 2.4))
+    fig = Figure(figsize=(1.3 * len(ranks) + 3.5, 0.8 * len(alphas) + 2.6))
     ax = fig.subplots()
-    image = ax.imshow(means, cmap="viridis", aspect="auto")
+    image = ax.imshow(colour, cmap="viridis", aspect="auto")
     low, high = image.get_clim()
-    for i, line in enumerate(cells):
-        for j, cell in enumerate(line):
-            if cell:  # dark text on the bright end of viridis, light text on the dark end
-                color = "black" if (cell.mean - low) / ((high - low) or 1) > 0.6 else "white"
-                spread = f" ± {(cell.ci_high - cell.ci_low) / 2:.2g}" if cell.n >= 2 else ""
-                ax.text(j, i, f"{cell.mean:.4g}{spread}\nn={cell.n}", ha="center", va="center", color=color)
+    for i, a in enumerate(alphas):
+        for j, k in enumerate(ranks):
+            if (a, k) in cells:  # dark text on the bright end of viridis, light text on the dark end
+                text_colour = "black" if (colour[i][j] - low) / ((high - low) or 1) > 0.6 else "white"
+                ax.text(j, i, cell_text(cells[a, k]), ha="center", va="center", color=text_colour, fontsize=9)
     ax.set_xticks(range(len(ranks)), [str(k) for k in ranks])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set(xlabel="LoRA rank adapter.r", ylabel=PARAM_LABELS[alpha])
-    ax.set_title(f"{title}\nmean {name} per cell (± half-width of its 95% t-interval)")
+    ax.set_title(f"{title}\n{name} per (alpha, rank) cell")
     ax.grid(False)
     fig.colorbar(image, ax=ax, label=metric_label(name, direction))
-    _save(fig, path, rows)
+    note = "one setting: mean ± half-width of its 95% t-interval over seeds; several: their values"
+    _save(fig, path, rows, note)
+
+
+def configuration_means(study: optuna.Study) -> optuna.Study:
+    """An in-memory study of one trial per configuration (the COMPLETE trials' params less train.seed),
+    valued at its runs' mean: where seeds repeat a configuration, importances then weigh the settings,
+    and the seed, which is not one, is not among them."""
+    runs: dict[str, tuple[dict, dict, list]] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        params = {k: v for k, v in t.params.items() if k != SEED}
+        key = repr(sorted(params.items()))
+        runs.setdefault(key, (params, {k: t.distributions[k] for k in params}, []))[2].append(t.values)
+    means = optuna.create_study(directions=study.directions)
+    for params, distributions, values in runs.values():
+        mean = [statistics.fmean(v[i] for v in values) for i in range(len(values[0]))]
+        means.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=mean))
+    return means
 
 
 def plot_importances(study: optuna.Study, names: list[str], title: str, path: Path) -> str | None:
-    """Optuna's param importances, per objective; returns why they were skipped, or None."""
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    # A param constant over the completed trials explains nothing: leave it out.
+    """Optuna's param importances per objective, over the configurations' means; returns why they
+    were skipped, or None."""
+    means = configuration_means(study)
+    done = means.trials
+    # A param constant over the configurations explains nothing: leave it out.
     searched = dict.fromkeys(p for t in done for p in t.params)
     varying = [p for p in searched if len({repr(t.params.get(p)) for t in done}) > 1]
     if len(done) < 2 or not varying:
-        return "param importances need >= 2 completed trials and a param that varies among them"
+        return "param importances need >= 2 completed configurations and a param that varies among them"
     if len(varying) == 1:  # normalised importances sum to 1: a lone param gets 1 whatever the data
         return (
             f"param importances: only {varying[0]} varies, so it would get all the importance by definition"
@@ -166,11 +229,13 @@ def plot_importances(study: optuna.Study, names: list[str], title: str, path: Pa
     for i, ax in enumerate(fig.subplots(1, len(names), squeeze=False)[0]):
         with warnings.catch_warnings(record=True) as too_few:  # Optuna warns when trials are too few
             warnings.simplefilter("always")
-            imp = get_param_importances(study, params=varying, target=lambda t, i=i: t.values[i])
+            imp = get_param_importances(means, params=varying, target=lambda t, i=i: t.values[i])
         ax.bar_label(ax.barh(list(imp)[::-1], list(imp.values())[::-1]), fmt="%.2f", padding=3)
         ax.set(xlim=(0, 1.1), xlabel="importance (normalised: sums to 1)")
         ax.set_title(f"{title}\nparam importances for {names[i]}")
-    _save(fig, path, [], f"{len(done)} completed trials" + (": too few, unreliable" if too_few else ""))
+    runs = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    note = f"{len(done)} configurations ({runs} completed trials; each configuration's mean)"
+    _save(fig, path, [], note + (": too few, unreliable" if too_few else ""))
     return None
 
 
@@ -238,7 +303,7 @@ def write_plots(study, rows, groups, params, names, dirs, title, out: Path) -> l
                 lines.append(f"![{png}]({png}.png)")
         alpha = next((p for p in ("adapter.alpha_multiple", "adapter.alpha") if p in params), None)
         if alpha and "adapter.r" in params:
-            plot_heatmap(rows, alpha, names[0], dirs[0], title, out / "alpha_rank_heatmap.png")
+            plot_heatmap(rows, groups, alpha, names[0], dirs[0], title, out / "alpha_rank_heatmap.png")
             lines.append("![alpha_rank_heatmap](alpha_rank_heatmap.png)")
         if "quant" in params and groups:
             plot_by_quant(groups, names, dirs, title, out / "objective_memory_by_quant.png")

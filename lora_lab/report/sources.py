@@ -4,12 +4,14 @@ study) or an Optuna storage URL; and what the runs optimised."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 VALID = (
@@ -24,13 +26,17 @@ class ReportError(Exception):
 
 @dataclass
 class Job:
-    """A Hydra job dir: its saved config, its overrides, and metrics.json (None if it wrote none)."""
+    """A Hydra job dir: its saved config, its overrides (values as the command line wrote them), and
+    metrics.json (None if it wrote none)."""
 
     path: Path
     cfg: DictConfig
     overrides: dict[str, Any]
     metrics: dict | None
-    number: int  # the Optuna trial number the sweeper passed it, else the job dir's number
+    number: int | None  # the Optuna trial number the sweeper passed it, else the job dir's number
+
+
+OVERRIDES = OverridesParser.create()
 
 
 def load_job(path: Path) -> Job:
@@ -38,17 +44,38 @@ def load_job(path: Path) -> Job:
     for line in (
         OmegaConf.load(path / ".hydra/overrides.yaml") if (path / ".hydra/overrides.yaml").exists() else []
     ):
-        key, _, raw = line.partition("=")
-        key = key.lstrip("+~")
-        if not key.startswith(("optuna_trial.", "hydra")):
-            # The saved config holds the typed value; a group choice (quant=nf4) is a dict there.
-            value = OmegaConf.select(cfg, key, default=None)
-            overrides[key] = raw if value is None or OmegaConf.is_config(value) else value
+        override = OVERRIDES.parse_override(line)
+        if not override.key_or_group.startswith(("optuna_trial.", "hydra")):
+            # Hydra's typing of the text (4 stays 4 where the schema makes it 4.0; quant=nf4 is a name);
+            # a list or dict as written.
+            value = None if override.is_delete() else override.value()
+            overrides[override.key_or_group] = (
+                line.partition("=")[2] if isinstance(value, (list, dict)) else value
+            )
     number = OmegaConf.select(cfg, "optuna_trial.number", default=None)
-    if number is None:
-        number = int(path.name) if path.name.isdigit() else 0
+    if number is None and path.name.isdigit():
+        number = int(path.name)
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else None
     return Job(path, cfg, overrides, metrics, number)
+
+
+def natural_order(path: Path) -> list:
+    """trial3_seed10 after trial3_seed9: the digits of a name compared as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_jobs(path: Path) -> list[Job]:
+    """The job dirs of a sweep dir, in order. Dirs not named by a number (confirm's trial3_seed43) are
+    numbered in their names' order, after the numbered ones."""
+    jobs = [
+        load_job(p)
+        for p in sorted(path.iterdir(), key=natural_order)
+        if (p / ".hydra" / "config.yaml").exists()
+    ]
+    start = max((j.number + 1 for j in jobs if j.number is not None), default=0)
+    for offset, job in enumerate(j for j in jobs if j.number is None):
+        job.number = start + offset
+    return sorted(jobs, key=lambda j: j.number)
 
 
 def without_password(text: str) -> str:
@@ -83,11 +110,10 @@ def load_source(target: str, study_name: str | None):
     if not path.is_dir():
         raise ReportError(f"{target}: no such directory; {VALID}")
     if (path / ".hydra" / "config.yaml").exists():
-        return [load_job(path)], None, None, path
-    jobs = sorted(
-        (load_job(p) for p in path.iterdir() if (p / ".hydra" / "config.yaml").exists()),
-        key=lambda j: j.number,
-    )
+        job = load_job(path)
+        job.number = job.number or 0
+        return [job], None, None, path
+    jobs = load_jobs(path)
     ref = OmegaConf.load(path / "study_summary.yaml") if (path / "study_summary.yaml").exists() else None
     if ref is None and jobs and OmegaConf.select(jobs[0].cfg, "optuna_trial.storage"):
         ref = jobs[0].cfg.optuna_trial  # an interrupted sweep wrote no summary, but its jobs name the study

@@ -15,6 +15,7 @@ from lora_lab.report.sources import Job, failure_from_log
 # metrics.json keys reported for every trial, and their Markdown headers (which name the unit).
 MEASURES = {
     "params/trainable": "trainable params",
+    "params/trainable_pct": "trainable % of all params",
     "memory/peak_gib": "peak memory (GiB)",
     "speed/tokens_per_second": "tokens/s",
     "time/wall_seconds": "wall time (s)",

@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install demo test test-gpu test-oldest test-fast lint bench clean
+.PHONY: help install demo test test-gpu test-oldest test-fast lint bench readme-figures clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,9 +49,12 @@ test-oldest:  ## the training tests on the oldest supported transformers / PEFT 
 test-fast: install  ## the suite without the slow multi-run tests
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
+readme-figures: install  ## rerun the README's example commands; fails where a figure drifts (about 10 min on 2 cores)
+	$(BIN)/python scripts/readme_figures.py
+
 lint: install  ## ruff check and format check
-	$(BIN)/ruff check lora_lab hydra_plugins tests
-	$(BIN)/ruff format --check lora_lab hydra_plugins tests
+	$(BIN)/ruff check lora_lab hydra_plugins tests scripts
+	$(BIN)/ruff format --check lora_lab hydra_plugins tests scripts
 
 bench: install  ## benchmarks: the GPU shapes of docs/benchmarks.md on a CUDA machine, a CPU smoke run elsewhere
 	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \

@@ -33,6 +33,7 @@ import platform
 import tempfile
 import time
 from datetime import date
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -305,6 +306,41 @@ def time_training(model, batches, device: str, warmup: int) -> tuple[float, floa
     return tokens / (time.perf_counter() - start), peak, squares / tokens
 
 
+NO_KERNELS = {"liger": False, "fused_loss": False}
+
+
+def train_recipes(distributed: str, workload: str, tokenizer, attn: str) -> list[tuple[str, Any]]:
+    """The recipes a `bench train` row compares, each with its collator (None: batches made whole)."""
+    from transformers import DataCollatorWithFlattening
+
+    if distributed == "fsdp":  # the plain recipe has no sharding to compare with
+        return [
+            ("lora_lab fsdp", None if workload == "fixed" else batch_collator("sft", tokenizer, True, attn))
+        ]
+    if workload == "fixed":  # equal lengths, made as batches: no collator
+        return [("peer", None), ("lora_lab", None)]
+    recipes = [
+        ("lora_lab padded", batch_collator("sft", tokenizer, False, attn)),
+        ("lora_lab packed", batch_collator("sft", tokenizer, True, attn)),
+    ]
+    if not skips_cross_example_attention(attn):  # what one row would cost this kernel
+        recipes.append(("lora_lab packed, one row", DataCollatorWithFlattening()))
+    return recipes
+
+
+def decide_checkpointing(model, checkpointing: str, one_batch, device: str) -> bool:
+    """on / off as asked; auto measured on a first batch (`one_batch()` makes it), as training measures
+    its longest. Turned on in the model when chosen."""
+    if checkpointing == "auto":
+        first, _ = next(one_batch())
+        uses_checkpointing = checkpointing_needed(model, first, device, torch.bfloat16)
+    else:
+        uses_checkpointing = checkpointing == "on"
+    if uses_checkpointing:
+        enable_checkpointing(model)
+    return uses_checkpointing
+
+
 def bench_train(
     shape: str,
     quant: str,
@@ -321,7 +357,7 @@ def bench_train(
 ) -> list[dict]:
     import gc
 
-    from transformers import AutoConfig, AutoTokenizer, DataCollatorWithFlattening
+    from transformers import AutoConfig, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -331,26 +367,9 @@ def bench_train(
             dist.barrier()  # the ranks load what rank 0 saved
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if distributed == "fsdp":  # the plain recipe has no sharding to compare with
-            recipes = [
-                (
-                    "lora_lab fsdp",
-                    None if workload == "fixed" else batch_collator("sft", tokenizer, True, attn),
-                )
-            ]
-        elif workload == "fixed":  # equal lengths, made as batches: no collator
-            recipes = [("peer", None), ("lora_lab", None)]
-        else:
-            recipes = [
-                ("lora_lab padded", batch_collator("sft", tokenizer, False, attn)),
-                ("lora_lab packed", batch_collator("sft", tokenizer, True, attn)),
-            ]
-            if not skips_cross_example_attention(attn):  # what one row would cost this kernel
-                recipes.append(("lora_lab packed, one row", DataCollatorWithFlattening()))
-        for name, collator in recipes:
-            kernels = {"liger": False, "fused_loss": False}
+        for name, collator in train_recipes(distributed, workload, tokenizer, attn):
             if name == "peer":
-                model, uses_checkpointing = peer_model(path, quant, device), True
+                model, kernels, uses_checkpointing = peer_model(path, quant, device), NO_KERNELS, True
             elif distributed == "fsdp":
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss, sharded=True)
                 # as training decides: the probe would step the whole model on one GPU
@@ -360,13 +379,12 @@ def bench_train(
                 )
             else:
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss)
-                if checkpointing == "auto":  # measured on the first batch, as training measures its longest
-                    first, _ = next(_batches(workload, batch, seq, 1, config.vocab_size, collator, device))
-                    uses_checkpointing = checkpointing_needed(model, first, device, torch.bfloat16)
-                else:
-                    uses_checkpointing = checkpointing == "on"
-                if uses_checkpointing:
-                    enable_checkpointing(model)
+                uses_checkpointing = decide_checkpointing(
+                    model,
+                    checkpointing,
+                    functools.partial(_batches, workload, batch, seq, 1, config.vocab_size, collator, device),
+                    device,
+                )
             batches = _batches(workload, batch, seq, steps, config.vocab_size, collator, device)
             tokens_per_second, peak, span = time_training(model, batches, device, warmup=min(2, steps - 1))
             # the ranks train on batches of their own: their tokens add up, the busiest rank's memory counts

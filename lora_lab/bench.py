@@ -374,9 +374,7 @@ def bench_train(
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss, sharded=True)
                 # as training decides: the probe would step the whole model on one GPU
                 uses_checkpointing = checkpointing == "on" or (checkpointing == "auto" and device == "cuda")
-                shard(
-                    model, device, resolve_compute_dtype("auto", device), uses_checkpointing, quant == "none"
-                )
+                shard(model, device, resolve_compute_dtype("auto", device), uses_checkpointing)
             else:
                 model, kernels = lora_lab_model(path, quant, device, attn, liger, fused_loss)
                 uses_checkpointing = decide_checkpointing(

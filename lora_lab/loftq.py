@@ -54,6 +54,12 @@ class LayerInit:
     left: torch.Tensor  # (out, r)
     right: torch.Tensor  # (r, in)
 
+    def to(self, device: torch.device) -> LayerInit:
+        self.quant_state.to(device)  # in place, as bitsandbytes moves a state
+        return LayerInit(
+            self.packed_weight.to(device), self.quant_state, self.left.to(device), self.right.to(device)
+        )
+
 
 @dataclass(frozen=True)
 class LoftQRecipe:
@@ -262,10 +268,12 @@ def loftq_initialise(
     iterations: int,
     svd: str,
     adapter_weights: bool = True,
+    compute_device: str | None = None,
 ) -> dict[str, LayerInit]:
     """Initialise every adapted 4-bit layer with LoftQ, from the cache when the same init was computed before.
 
-    Without adapter_weights only the backbone's Q is installed: for reloading a trained LoftQ adapter."""
+    Without adapter_weights only the backbone's Q is installed: for reloading a trained LoftQ adapter.
+    `compute_device`: where the layers are fitted (the run's device), if not where they are."""
     layers = adapted_4bit_layers(peft_model)
     if not layers:
         raise ConfigError(
@@ -279,6 +287,8 @@ def loftq_initialise(
     key = cache_key(model_identity, layers, quant_name, double_quant, rank, iterations, svd)
     path = cache_dir() / "loftq" / f"{key}.pt"
     device = next(iter(layers.values())).base_layer.weight.device
+    # under FSDP rank 0 holds the layers in CPU memory: it fits them on its GPU, one at a time
+    compute = device if compute_device is None else torch.device(compute_device)
     if path.exists():
         log.info("LoftQ: reusing %s", path)
         inits = _load(path, device)
@@ -288,8 +298,9 @@ def loftq_initialise(
         bar = {"desc": f"LoftQ r={rank} x{iterations}", "unit": "layer", "disable": None}
         for name, layer in tqdm(layers.items(), **bar):
             dtype = layer.base_layer.weight.quant_state.dtype
-            weight = checkpoint.weight(name, layer.base_layer).to(device=device, dtype=dtype)
-            inits[name] = loftq_layer(weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd)
+            weight = checkpoint.weight(name, layer.base_layer).to(device=compute, dtype=dtype)
+            init = loftq_layer(weight, QuantSpec.of(layer.base_layer.weight), rank, iterations, svd)
+            inits[name] = init.to(device)
         _save(path, inits)
     for name, layer in layers.items():
         install(layer, inits[name], adapter_weights)
@@ -320,11 +331,17 @@ def start_others_at_zero(peft_model, loftq_layers: dict) -> None:
 
 
 def prepare_quantized_adapter(
-    peft_model, model_cfg, quant, loftq: LoftQRecipe | None, fit_adapter: bool, report: bool
+    peft_model,
+    model_cfg,
+    quant,
+    loftq: LoftQRecipe | None,
+    fit_adapter: bool,
+    report: bool,
+    compute_device: str | None = None,
 ) -> list[dict] | None:
     """On a quantized base: the `loftq` backbone, with the adapter fitted to it when `fit_adapter`
     (a trained adapter keeps its weights), and the per-layer quantization-error rows when `report`
-    (None otherwise)."""
+    (None otherwise); LoftQ computes on `compute_device` (see loftq_initialise)."""
     if quant.name == "none" or not (loftq or report):
         return None
     directory = model_dir(model_cfg)
@@ -341,6 +358,7 @@ def prepare_quantized_adapter(
             loftq.iterations,
             loftq.svd,
             fit_adapter,
+            compute_device,
         )
     return quant_error_report(peft_model, checkpoint, inits) if report else None
 

@@ -225,10 +225,10 @@ def progress_bars_on_terminals_only() -> None:
 
 def load_device(device: str, to_shard: bool) -> str | int:
     """Where the base loads. Under torchrun / accelerate each process loads its copy onto its own
-    (current) GPU. A full-precision base to be sharded loads into rank 0's CPU memory only, and the
-    other ranks build it on `meta`: FSDP sends each rank its shards (lora_lab.sharding.shard), so a
-    base that fits no GPU, nor N copies of it the host's memory, still loads. 4-bit bases quantize on
-    each rank's GPU as they load."""
+    (current) GPU. A base to be sharded, 4-bit or not, loads into rank 0's CPU memory only (a 4-bit
+    one quantized there), and the other ranks build it on `meta`: FSDP sends each rank its shards
+    (lora_lab.sharding.shard), so a base that fits no GPU, nor N copies of it the host's memory,
+    still loads."""
     if to_shard:
         return "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
     return torch.cuda.current_device() if device == "cuda" else device
@@ -245,7 +245,7 @@ def load_model(
     kwargs = {
         "dtype": compute_dtype,
         "quantization_config": quantization_config(quant, compute_dtype, sharded),
-        "device_map": {"": load_device(device, sharded and quant.name == "none")},
+        "device_map": {"": load_device(device, sharded)},
         "trust_remote_code": model_cfg.trust_remote_code,
         "attn_implementation": model_cfg.attn_implementation,
     }
@@ -317,7 +317,7 @@ def check_quantized(model: PreTrainedModel, quant_name: str) -> None:
         experts = {e.rsplit(".", 1)[0] for e in block_parts(block).experts}  # their modules' paths
         for name, module in block.named_modules():
             if is_quantized(module):
-                quantized += module.weight.numel() * (2 if module.weight.dtype == torch.uint8 else 1)
+                quantized += module.in_features * module.out_features  # whatever it is packed into
             elif is_adaptable(module) or name in experts:
                 left += sum(p.numel() for p in module.parameters(recurse=False) if p.ndim >= 2)
                 kept.add(f"{name} ({type(module).__name__})")

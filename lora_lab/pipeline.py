@@ -142,14 +142,18 @@ def setup_model(run: RunConfig, device: str, tracker):
         model = attach_adapter(model, run.adapter, run.model.kind)
     # an init_from adapter keeps its weights and needs the backbone it trained on
     loftq = loftq_recipe(run.adapter, run.quant, run.adapter.init_from)
-    quant_errors = prepare_quantized_adapter(
-        model,
-        run.model,
-        run.quant,
-        loftq,
-        fit_adapter=run.adapter.init_from is None,
-        report=run.quant.error_report,
-    )
+    quant_errors = None
+    # under FSDP the ranks but rank 0 hold the model on `meta`: its backbone reaches them as it shards
+    if model.device.type != "meta":
+        quant_errors = prepare_quantized_adapter(
+            model,
+            run.model,
+            run.quant,
+            loftq,
+            fit_adapter=run.adapter.init_from is None,
+            report=run.quant.error_report,
+            compute_device=device,
+        )
     if quant_errors:
         log.info("quantization error: %s", summarise(quant_errors))
         tracker.log_table("quant_error", quant_errors)
@@ -240,7 +244,7 @@ def setup_fit(
         resuming=checkpoint is not None,
     )
     if fsdp:  # after the arguments, which start the process group
-        shard(model, device, compute_dtype, checkpointing, from_rank0=run.quant.name == "none")
+        shard(model, device, compute_dtype, checkpointing)
     trainer = build_trainer(
         model,
         tokenizer,

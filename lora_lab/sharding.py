@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
 import torch
 import torch.distributed.checkpoint as dcp
 from peft import get_peft_model_state_dict
@@ -45,18 +47,17 @@ def block_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
         ) from None
 
 
-def shard(
-    model: torch.nn.Module, device: str, compute_dtype: torch.dtype, checkpointing: bool, from_rank0: bool
-) -> None:
+def shard(model: torch.nn.Module, device: str, compute_dtype: torch.dtype, checkpointing: bool) -> None:
     """Shard `model` in place over all processes: each block a unit, then the root (embeddings, final
     norm, head). Parameters are gathered in the compute dtype; gradients are reduced in fp32. With
     `checkpointing`, each block recomputes its activations through torch.distributed's composable
     checkpoint, which FSDP2 composes with and which, unlike the checkpoint wrapper module, leaves
-    the parameters' names (and so the saved adapter's) as they are. `from_rank0`: only rank 0 holds
-    the weights (models.load_device), the others a model on `meta`, which receive their shards."""
+    the parameters' names (and so the saved adapter's) as they are. Only rank 0 holds the weights
+    (models.load_device), 4-bit or not, the others a model on `meta`: they receive their shards."""
     stack = block_stack(model)
+    share_quant_states(model, device)
     # rank 0's whole weights, the adapter's included, for the others' shards
-    full = model.state_dict() if from_rank0 and torch.distributed.get_rank() == 0 else {}
+    full = weights(model) if torch.distributed.get_rank() == 0 else {}
     mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in stack:
@@ -64,13 +65,56 @@ def shard(
             checkpoint(block)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    if from_rank0:
-        receive_from_rank0(model, full, device)
+    receive_from_rank0(model, full, device)
     # generate (exact match) calls the inner model's forward, past the root's gathering hook
     register_fsdp_forward_method(model, "generate")
     # Already distributed: accelerate (under the Trainer) must not wrap it in DDP, which refuses
     # sharded parameters. This is accelerate's own mark of a model it has prepared.
     model._is_accelerate_prepared = True
+
+
+def share_quant_states(model: torch.nn.Module, device: str) -> None:
+    """Every rank's 4-bit layers as rank 0 quantized them (LoftQ's backbone included): the packed
+    weight's shape, which the others' layers on `meta` lack (they hold the unquantized shape), and
+    the quantization state. The state stays whole on every rank, beside the layer (bitsandbytes
+    gives it back to the gathered weight in each forward): it is small (about 1/32 of the 4-bit
+    weight's bytes with double quantization), and its nested statistics span the whole tensor."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if not layers:
+        return
+    rank0 = torch.distributed.get_rank() == 0
+    shared = [
+        {
+            name: (m.weight.shape, m.weight.dtype, m.weight.quant_state.as_dict(packed=True))
+            for name, m in layers.items()
+        }
+        if rank0
+        else None
+    ]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    for name, module in layers.items():
+        shape, storage, state = shared[0][name]
+        quant_state = bnbf.QuantState.from_dict(state, device=torch.device(device))
+        if not rank0:
+            module.weight = bnb.nn.Params4bit(
+                torch.empty(shape, dtype=storage, device="meta"),
+                requires_grad=False,
+                blocksize=quant_state.blocksize,
+                compress_statistics=quant_state.nested,
+                quant_type=quant_state.quant_type,
+                quant_storage=storage,
+                module=module,
+                bnb_quantized=True,
+            )
+        module.weight.quant_state = module.quant_state = quant_state  # on the device the layer computes on
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers as its state dict names them, without the 4-bit layers'
+    quantization state, which bitsandbytes adds to it and share_quant_states sends."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return {key: value for key, value in model.state_dict().items() if key in names}
 
 
 def receive_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], device: str) -> None:

@@ -277,9 +277,11 @@ def test_an_attention_implementation_the_model_lacks_falls_back_to_eager_in_one_
     ]
 
 
-def test_nf4_says_what_share_of_the_blocks_weights_it_leaves_in_full_precision(model_dirs, caplog):
+@pytest.mark.parametrize("sharded", [False, True], ids=["packed-uint8", "packed-as-compute-dtype"])
+def test_nf4_says_what_share_of_the_blocks_weights_it_leaves_in_full_precision(model_dirs, caplog, sharded):
     """bitsandbytes quantizes linear layers: an MoE's fused experts stay as they are, and the log says
-    how much of the blocks that is, counted here from the unquantized model."""
+    how much of the blocks that is, counted here from the unquantized model; the same share when the
+    4-bit weights are packed into the compute dtype to be sharded."""
     from lora_lab.config import ModelConfig, QuantConfig
     from lora_lab.models import load_model
 
@@ -289,7 +291,13 @@ def test_nf4_says_what_share_of_the_blocks_weights_it_leaves_in_full_precision(m
         m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
     )
     with caplog.at_level(logging.WARNING, logger="lora_lab"):
-        load_model(ModelConfig(name_or_path=str(model_dirs("qwen3_moe"))), QuantConfig(name="nf4"), [], "cpu")
+        load_model(
+            ModelConfig(name_or_path=str(model_dirs("qwen3_moe"))),
+            QuantConfig(name="nf4"),
+            [],
+            "cpu",
+            sharded,
+        )
     share = round(100 * experts / (experts + linear))
     assert [r.getMessage() for r in caplog.records if "full precision" in r.getMessage()] == [
         f"quant=nf4 left {share}% of the blocks' weights in full precision: mlp.experts (Qwen3MoeExperts)"

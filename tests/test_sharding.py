@@ -111,6 +111,58 @@ def test_qlora_under_fsdp_matches_one_process(tmp_path, init):
     assert sharded["memory/base_param_bytes_per_rank"] == single["memory/base_param_bytes_per_rank"] / 2
 
 
+def load_and_shard_4bit(rank: int, port: int, out: Path) -> None:
+    """A rank of a 2-process gloo group: the tiny model loaded 4-bit as a sharded run loads it, what
+    the rank held before sharding, and its 4-bit layers' weights dequantized whole after it."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from lora_lab.models import load_model
+    from lora_lab.sharding import shard
+
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    torch.distributed.init_process_group("gloo")
+    run = validate(compose([*COMMON, "quant=nf4"]))
+    model, _ = load_model(run.model, run.quant, [], "cpu", sharded=True)
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    shard(model, "cpu", torch.float32, checkpointing=False)
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            packed = module.weight.full_tensor()
+            weights[name] = bnbf.dequantize_4bit(packed, module.quant_state)
+    torch.save({"held": held, "weights": weights}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_only_rank_0_loads_a_4bit_base_and_every_rank_gets_its_layers(tmp_path):
+    """QLoRA's base is read and quantized by rank 0 alone; rank 1 builds it on `meta` and holds no
+    weight until its shards arrive, with the quantization state, which dequantizes them exactly
+    as one process's load does."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from lora_lab.models import load_model
+
+    run = validate(compose([*COMMON, "quant=nf4"]))
+    # (one process builds the tiny model's files, which the ranks then read)
+    single, _ = load_model(run.model, run.quant, [], "cpu", sharded=True)  # stored as FSDP stores it
+    torch.multiprocessing.spawn(load_and_shard_4bit, args=(29548, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    expected = {
+        name: bnbf.dequantize_4bit(module.weight, module.weight.quant_state)
+        for name, module in single.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
+    assert ranks[0]["held"] == sum(p.numel() * p.element_size() for p in single.parameters())
+    assert ranks[1]["held"] == 0
+    for held in ranks:
+        assert held["weights"].keys() == expected.keys() and len(expected) == 14
+        for name, weight in expected.items():
+            assert torch.equal(held["weights"][name], weight), name
+
+
 @pytest.mark.slow
 def test_a_submitit_job_of_two_tasks_is_one_fsdp_run(tmp_path):
     """hydra/launcher=submitit_local with tasks_per_node=2 as submitit_slurm runs a job (conf/hydra/launcher/
@@ -183,7 +235,7 @@ def one_step_on_cuda(overrides: list[str], sharded: bool) -> tuple[float, dict]:
     torch.manual_seed(0)  # the same LoRA initialisation for both models
     model = attach_adapter(model, run.adapter, "causal_lm")
     if sharded:
-        shard(model, "cuda", torch.bfloat16, checkpointing=True, from_rank0=run.quant.name == "none")
+        shard(model, "cuda", torch.bfloat16, checkpointing=True)
     batch = tokenizer(["sort 3 1 2 : 1 2 3", "sort 9 7 8 : 7 8 9"], return_tensors="pt").to("cuda")
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from lora_lab.adapters import attach_adapter, load_adapter
-from lora_lab.config import RunConfig, TaskConfig
+from lora_lab.config import AdapterConfig, ModelConfig, QuantConfig, RunConfig, TaskConfig, TrainConfig
 from lora_lab.data import TaskData, build_task_data, longest_batch, row_sources
 from lora_lab.harness import Harness
 from lora_lab.loftq import LoftQRecipe, loftq_recipe, prepare_quantized_adapter, summarise
@@ -85,7 +85,9 @@ def train(run: RunConfig, run_dir: Path, pruner_cfg=None, run_name: str = "defau
         transformers.set_seed(run.train.seed)
         # fills in what the data decides (task.format=auto, a classifier's labels) before the model
         rows = load_task(run.task, read_record(run_dir) if run.train.resume else None)
-        model, tokenizer, backbone = setup_model(run, device, tracker)
+        model, tokenizer, backbone = setup_model(
+            run.model, run.adapter, run.quant, run.task.labels, run.train, device, tracker
+        )
         data = setup_data(rows, run.task, run.train.packing, tokenizer, model.config._attn_implementation)
         fit = setup_fit(run, run_dir, model, tokenizer, data, tracker, device, objectives, pruner_cfg)
         if fit.trainer.is_world_process_zero():  # reloads and resumes read the data as this run does
@@ -131,27 +133,33 @@ class Backbone:
     quant_errors: list[dict] | None
 
 
-def setup_model(run: RunConfig, device: str, tracker):
+def setup_model(
+    model_cfg: ModelConfig,
+    adapter: AdapterConfig,
+    quant: QuantConfig,
+    labels: list[str],
+    train_cfg: TrainConfig,
+    device: str,
+    tracker,
+):
     """The base model with its adapter (new, or adapter.init_from), on LoftQ's backbone where it runs."""
-    model, tokenizer = load_model(
-        run.model, run.quant, run.task.labels, device, sharded=run.train.distributed == "fsdp"
-    )
-    if run.adapter.init_from is not None:
-        model = load_adapter(model, run.adapter.init_from, run.model.kind, trainable=run.train.max_steps != 0)
+    model, tokenizer = load_model(model_cfg, quant, labels, device, sharded=train_cfg.distributed == "fsdp")
+    if adapter.init_from is not None:
+        model = load_adapter(model, adapter.init_from, model_cfg.kind, trainable=train_cfg.max_steps != 0)
     else:
-        model = attach_adapter(model, run.adapter, run.model.kind)
+        model = attach_adapter(model, adapter, model_cfg.kind)
     # an init_from adapter keeps its weights and needs the backbone it trained on
-    loftq = loftq_recipe(run.adapter, run.quant, run.adapter.init_from)
+    loftq = loftq_recipe(adapter, quant, adapter.init_from)
     quant_errors = None
     # under FSDP the ranks but rank 0 hold the model on `meta`: its backbone reaches them as it shards
     if model.device.type != "meta":
         quant_errors = prepare_quantized_adapter(
             model,
-            run.model,
-            run.quant,
+            model_cfg,
+            quant,
             loftq,
-            fit_adapter=run.adapter.init_from is None,
-            report=run.quant.error_report,
+            fit_adapter=adapter.init_from is None,
+            report=quant.error_report,
             compute_device=device,
         )
     if quant_errors:

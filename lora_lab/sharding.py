@@ -77,8 +77,9 @@ def share_quant_states(model: torch.nn.Module, device: str) -> None:
     """Every rank's 4-bit layers as rank 0 quantized them (LoftQ's backbone included): the packed
     weight's shape, which the others' layers on `meta` lack (they hold the unquantized shape), and
     the quantization state. The state stays whole on every rank, beside the layer (bitsandbytes
-    gives it back to the gathered weight in each forward): it is small (about 1/32 of the 4-bit
-    weight's bytes with double quantization), and its nested statistics span the whole tensor."""
+    gives it back to the gathered weight in each forward): it is small (with double quantization
+    1/31 of a 4096 x 4096 layer's 4-bit bytes, more of a tiny layer's), and its nested statistics
+    span the whole tensor."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     if not layers:
         return
